@@ -1,0 +1,230 @@
+"""The PILoT object: wraps a model as m ⊙ w, applies α_t(‖m‖² + ‖w‖²) through the gradients,
+reports diagnostics, and exports an exactly sparse plain model (SPEC §2)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import theory
+from .prune import finalize as _finalize
+from .reparam import MirrorWeight, Selector, check_beta, iter_mw_params, wrap
+from .schedules import Schedule, as_schedule, check_alpha
+
+
+class PILoT:
+    """PILoT regularization on any PyTorch model.
+
+    Wrapping reparametrizes the selected weights in place as x = m ⊙ w with m0 ⊙ w0 = x0 and
+    m0² − w0² = beta (beta = 0 is spred's initialization). Train as usual, calling `step()`
+    after `backward()` and before `optimizer.step()`:
+
+        optimizer = torch.optim.SGD(pilot.param_groups(weight_decay=1e-4), lr=0.1, momentum=0.9)
+        loss.backward(); pilot.step(); optimizer.step()
+
+    `step()` adds the gradient of α_k(‖m‖² + ‖w‖²), i.e. 2α_k·m and 2α_k·w, to m.grad and w.grad,
+    so it works with any optimizer. Call it once per optimizer step: with gradient accumulation,
+    after the last micro-batch's backward; with AMP's GradScaler, after `scaler.unscale_(opt)`.
+    Under DistributedDataParallel, wrap the model with PILoT first, then with DDP.
+
+    Args:
+        model: any nn.Module; modified in place.
+        schedule: a `mirrorprune.schedules.Schedule`, or a number for a constant α.
+        beta: m0² − w0² (> 0 for PILoT; paper: 1.0).
+        include: None (weights of Linear, Conv1d/2d/3d), module types / name globs, or a
+            predicate fn(module, name).
+        exclude: module types / name globs left dense (e.g. ("conv1", "fc")).
+        track_mirror: accumulate L_t = Σ η ∇f(x) to report the mirror residual
+            ‖∇R_{c_t}(x_t) + L_t‖ (SPEC §2.4); costs two extra copies of the weights and
+            needs `step(lr=...)`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule | float,
+        beta: float = 1.0,
+        include: Selector = None,
+        exclude: Selector = (),
+        track_mirror: bool = False,
+    ):
+        self.schedule = as_schedule(schedule)
+        self.beta = check_beta(beta)
+        if track_mirror and self.beta == 0:
+            raise ValueError("track_mirror needs beta > 0: with beta = 0 (spred) R is undefined")
+        self.model = model
+        self.weights: list[MirrorWeight] = wrap(model, self.beta, include, exclude)
+        self._k = 0
+        self._alpha_sum = 0.0
+        self._A: float | None = 0.0  # Σ η_k α_k; None once a step came without lr
+        self._finalized = False
+        self.track_mirror = track_mirror
+        if track_mirror:
+            self._z0 = [theory.z0_from_x0(mw.x(), self.beta) for mw in self.weights]
+            self._L = [torch.zeros_like(mw.m, memory_format=torch.contiguous_format)
+                       for mw in self.weights]
+
+    # ------------------------------------------------------------------ training
+
+    @property
+    def alpha(self) -> float:
+        """α_k that the next `step()` applies (k = number of steps taken so far)."""
+        return check_alpha(self.schedule(self._k), f"schedule({self._k})")
+
+    @property
+    def steps(self) -> int:
+        return self._k
+
+    def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Parameter groups for any torch optimizer: m and w without ordinary weight decay
+        (α_t replaces it), every other parameter with `weight_decay`."""
+        check_alpha(weight_decay, "weight_decay")
+        mw = list(iter_mw_params(self.weights))
+        ids = {id(p) for p in mw}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        groups = [{"params": mw, "weight_decay": 0.0, "name": "pilot_mw"}]
+        if rest:
+            groups.append({"params": rest, "weight_decay": weight_decay, "name": "other"})
+        return groups
+
+    @torch.no_grad()
+    def step(self, lr: float | None = None) -> float:
+        """Add 2α_k·m to m.grad and 2α_k·w to w.grad, advance the schedule; returns α_k.
+
+        lr: the learning rate of the coming optimizer step. Optional; when given every step,
+        `stats()` reports A_t = Σ η_k α_k and the theory's c_t (required with track_mirror).
+        """
+        self._check_open()
+        alpha = self.alpha
+        if self.track_mirror:
+            if lr is None:
+                raise ValueError("track_mirror=True needs the step size: call pilot.step(lr=...)")
+            for mw, L in zip(self.weights, self._L):
+                if mw.m.grad is not None and mw.w.grad is not None:
+                    # m.grad = g ⊙ w and w.grad = g ⊙ m, so g = (m.grad w + w.grad m)/(m² + w²).
+                    g = (mw.m.grad * mw.w + mw.w.grad * mw.m) / (mw.m.square() + mw.w.square())
+                    L.add_(g, alpha=lr)
+        if alpha > 0:
+            params = [p for p in iter_mw_params(self.weights) if p.requires_grad]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            torch._foreach_add_([p.grad for p in params], params, alpha=2 * alpha)
+        self._alpha_sum += alpha
+        if lr is None:
+            self._A = None
+        elif self._A is not None:
+            self._A += alpha * float(lr)
+        self._k += 1
+        return alpha
+
+    # ------------------------------------------------------------------ diagnostics
+
+    @torch.no_grad()
+    def stats(self, zero_tol: float = 1e-3) -> dict[str, float | int | None]:
+        """Diagnostics as a flat dict of numbers (JSON-ready).
+
+        step, alpha (next α_k), alpha_sum (Σ α_k), A (Σ η_k α_k, None unless every step got lr),
+        c (theory: β/2·exp(−4A)), c_measured (median of (m² − w²)/2, which the flow keeps equal
+        to c_t whatever the loss), A_measured (−¼ log(2 c_measured / β)), l1 (‖x‖₁), l2sq_mw
+        (‖m‖² + ‖w‖²), penalty (α·l2sq_mw), near_zero (fraction with |x| ≤ zero_tol), zeros,
+        params, and with track_mirror mirror_residual (‖∇R_c(x) + L‖₂) and its max.
+        """
+        self._check_open()
+        xs = [mw.x() for mw in self.weights]
+        n = sum(x.numel() for x in xs)
+        l2 = sum(float(mw.m.square().sum() + mw.w.square().sum()) for mw in self.weights)
+        half_diff = torch.cat([((mw.m.square() - mw.w.square()) / 2).flatten().double()
+                               for mw in self.weights])
+        c_meas = float(half_diff.median())
+        alpha = self.alpha
+        out: dict[str, float | int | None] = {
+            "step": self._k,
+            "alpha": alpha,
+            "alpha_sum": self._alpha_sum,
+            "A": self._A,
+            "c": self.beta / 2 * math.exp(-4 * self._A) if self._A is not None else None,
+            "c_measured": c_meas,
+            "A_measured": (-0.25 * math.log(2 * c_meas / self.beta)
+                           if self.beta > 0 and c_meas > 0 else None),
+            "l1": sum(float(x.abs().sum()) for x in xs),
+            "l2sq_mw": l2,
+            "penalty": alpha * l2,
+            "near_zero": sum(int((x.abs() <= zero_tol).sum()) for x in xs) / n,
+            "zeros": sum(int((x == 0).sum()) for x in xs),
+            "params": n,
+        }
+        if self.track_mirror:
+            out.update(self._mirror_residual())
+        return out
+
+    def _mirror_residual(self) -> dict[str, float | None]:
+        if self._A is None:
+            return {"mirror_residual": None, "mirror_residual_max": None}
+        logc = theory.log_c(self.beta, self._A)
+        r = torch.cat([theory.mirror_residual(mw.x().to(z.dtype), L, z, logc).flatten()
+                       for mw, z, L in zip(self.weights, self._z0, self._L)])
+        return {"mirror_residual": float(r.norm()), "mirror_residual_max": float(r.abs().max())}
+
+    # ------------------------------------------------------------------ export
+
+    def finalize(self, sparsity: float, scope: str = "global", inplace: bool = False) -> nn.Module:
+        """A plain model with x = m ⊙ w collapsed and exactly round(sparsity·N) weights zeroed.
+
+        scope="global" ranks all reparametrized weights together, "layer" each tensor alone.
+        By default the wrapped model stays as it is (training may continue; call again for
+        another sparsity) and a plain copy is returned. inplace=True unwraps the model itself
+        and closes this PILoT object.
+        """
+        self._check_open()
+        out = _finalize(self.model, sparsity, scope, inplace=inplace)
+        if inplace:
+            self._finalized = True
+        return out
+
+    def _check_open(self) -> None:
+        if self._finalized:
+            raise RuntimeError(
+                "this PILoT was finalized in place: its model is plain now. Keep the returned "
+                "model, or use finalize(..., inplace=False) to export while training goes on"
+            )
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule position and integrals (the model's m, w live in model.state_dict())."""
+        state: dict[str, Any] = {
+            "step": self._k,
+            "alpha_sum": self._alpha_sum,
+            "A": self._A,
+            "beta": self.beta,
+            "names": [mw.name for mw in self.weights],
+            "schedule": self.schedule.state_dict(),
+        }
+        if self.track_mirror:
+            state["L"] = [L.clone() for L in self._L]
+            state["z0"] = [z.clone() for z in self._z0]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = [mw.name for mw in self.weights]
+        if state.get("names") != names or state.get("beta") != self.beta:
+            raise ValueError(
+                "PILoT state was saved for another configuration (weights "
+                f"{state.get('names')}, beta {state.get('beta')}; here {names}, beta {self.beta})"
+            )
+        if self.track_mirror != ("L" in state):
+            raise ValueError("PILoT state and this PILoT disagree on track_mirror")
+        self.schedule.load_state_dict(state["schedule"])
+        self._k, self._alpha_sum, self._A = int(state["step"]), state["alpha_sum"], state["A"]
+        if self.track_mirror:
+            for dst, src in zip(self._L + self._z0, state["L"] + state["z0"]):
+                dst.copy_(src)
+
+    def __repr__(self) -> str:
+        n = sum(mw.m.numel() for mw in self.weights)
+        return (f"PILoT({len(self.weights)} tensors, {n:,} weights, beta={self.beta}, "
+                f"schedule={self.schedule!r}, step={self._k})")

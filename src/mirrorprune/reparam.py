@@ -1,0 +1,285 @@
+"""x = m ⊙ w on chosen weights of any nn.Module: selection, β-initialization, collapse back.
+
+How it works: each selected module gets its class swapped for a cached subclass in which
+`weight` is a read-only property returning `weight_m * weight_w` (the two trainable tensors are
+registered as ordinary parameters). This is what `torch.nn.utils.parametrize` does, minus its
+per-access module call and its `parametrizations.weight.original0` state-dict names. So
+`module.weight` is always current, `deepcopy`/EMA copies work, and `torch.save(model)` pickles.
+
+Tied weights (one Parameter used by several modules) get one (m, w) pair that every sharing module
+reads, so the tie survives wrapping and collapsing. Initialize weights *before* wrapping:
+`nn.init.*_(module.weight)` on a wrapped module writes into a temporary product and is lost.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: Module types whose `weight` is reparametrized by default (SPEC §2.1): no biases, no norms.
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+Selector = Sequence[type[nn.Module] | str] | Callable[[nn.Module, str], bool] | None
+
+
+@dataclass
+class MirrorWeight:
+    """One reparametrized tensor x = m ⊙ w, possibly shared by several modules (tied weights)."""
+
+    names: list[str]  # qualified names of x, e.g. ["fc.weight"] (several when tied)
+    modules: list[tuple[nn.Module, str]]  # (module, attribute name) pairs reading x
+    m: nn.Parameter
+    w: nn.Parameter
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def x(self) -> torch.Tensor:
+        """The current weight m ⊙ w, without autograd history."""
+        return (self.m * self.w).detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# the class swap
+
+
+_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _product_property(name: str) -> property:
+    m_key, w_key = name + "_m", name + "_w"
+
+    def get(self: nn.Module) -> torch.Tensor:
+        return self._parameters[m_key] * self._parameters[w_key]
+
+    get.__doc__ = f"{name} = {m_key} ⊙ {w_key} (mirrorprune reparametrization)"
+    return property(get)
+
+
+def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
+    cls = _mirror_class(base, names)
+    return cls.__new__(cls)
+
+
+def _reduce_ex(self: nn.Module, protocol: int):
+    # Dynamic classes are not importable: pickle/deepcopy rebuild them from (base, names).
+    return _rebuild, (self._mirror_base, self._mirror_names), self.__getstate__()
+
+
+def _mirror_class(base: type, names: tuple[str, ...]) -> type:
+    key = (base, names)
+    if key not in _CLASSES:
+        ns: dict[str, object] = {n: _product_property(n) for n in names}
+        ns.update(_mirror_base=base, _mirror_names=names, __reduce_ex__=_reduce_ex)
+        ns["__module__"] = base.__module__
+        _CLASSES[key] = type(base.__name__, (base,), ns)
+    return _CLASSES[key]
+
+
+def mirrored_names(module: nn.Module) -> tuple[str, ...]:
+    """Attribute names reparametrized on this module (empty if none)."""
+    return getattr(type(module), "_mirror_names", ())
+
+
+def _base_class(module: nn.Module) -> type:
+    return getattr(type(module), "_mirror_base", type(module))
+
+
+# ----------------------------------------------------------------------------------------------
+# selection
+
+
+def _as_tuple(x: object) -> tuple:
+    if x is None:
+        return ()
+    if isinstance(x, (str, type)):
+        return (x,)
+    return tuple(x)  # type: ignore[arg-type]
+
+
+def _matches(module: nn.Module, name: str, pattern: type | str) -> bool:
+    if isinstance(pattern, type):
+        return isinstance(module, pattern)
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def select_modules(
+    model: nn.Module, include: Selector = None, exclude: Selector = ()
+) -> list[tuple[str, nn.Module]]:
+    """Modules whose `weight` is prunable, in `named_modules` order.
+
+    include: None (Linear and Conv1d/2d/3d), a sequence of module types and/or fnmatch globs on
+        module names, or a predicate `fn(module, name) -> bool` (torchao's filter_fn).
+    exclude: types and/or name globs removed from that selection (e.g. ("conv1", "fc") keeps the
+        first and last layer of a ResNet dense).
+    Modules that already carry the reparametrization count by their original class.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = [(n, mod) for n, mod in model.named_modules()]
+    if callable(include) and not isinstance(include, type):
+        chosen = [(n, mod) for n, mod in named if include(mod, n)]
+    else:
+        patterns = _as_tuple(include) or DEFAULT_TYPES
+        for p in patterns:
+            if not isinstance(p, (str, type)):
+                raise ValueError(f"include entries must be module types or name globs, got {p!r}")
+            if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
+                raise ValueError(f"include pattern {p!r} matches no module; {_names_hint(named)}")
+        chosen = [(n, mod) for n, mod in named if any(_matches(mod, n, p) for p in patterns)]
+    excl = _as_tuple(exclude)
+    for p in excl:
+        if not isinstance(p, (str, type)):
+            raise ValueError(f"exclude entries must be module types or name globs, got {p!r}")
+        if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
+            raise ValueError(f"exclude pattern {p!r} matches no module; {_names_hint(named)}")
+    chosen = [(n, mod) for n, mod in chosen if not any(_matches(mod, n, p) for p in excl)]
+    chosen = [
+        (n, mod)
+        for n, mod in chosen
+        if isinstance(mod._parameters.get("weight"), nn.Parameter) or "weight" in mirrored_names(mod)
+    ]
+    if not chosen:
+        raise ValueError(
+            "include/exclude select no prunable weight (a module with a `weight` parameter; "
+            "default: nn.Linear and nn.Conv1d/2d/3d). Pass include=[...] with module types or "
+            f"name globs; {_names_hint(named)}"
+        )
+    return chosen
+
+
+def _names_hint(named: list[tuple[str, nn.Module]]) -> str:
+    shown = [f"{n or '<root>'} ({type(m).__name__})" for n, m in named[:12]]
+    more = f", … ({len(named) - 12} more)" if len(named) > 12 else ""
+    return "the model's modules are: " + ", ".join(shown) + more
+
+
+# ----------------------------------------------------------------------------------------------
+# wrapping and collapsing
+
+
+def mirror_init(x0: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """m0, w0 with m0 ⊙ w0 = x0 and m0² − w0² = β (SPEC §2.2), computed in float64.
+
+    m0 = sqrt((β + sqrt(β² + 4 x0²)) / 2) > |w0|; β = 0 gives spred's m0 = sqrt|x0|,
+    w0 = sign(x0) sqrt|x0|.
+    """
+    x = x0.detach().to(torch.float64)
+    m = torch.sqrt((beta + torch.sqrt(beta * beta + 4 * x * x)) / 2)
+    w = torch.where(m > 0, x / m.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(x))
+    return m.to(x0.dtype), w.to(x0.dtype)
+
+
+def check_beta(beta: float) -> float:
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite number >= 0 (paper: 1.0), got {beta!r}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0 (m0² − w0² = beta; paper: 1.0), got {beta}")
+    return float(beta)
+
+
+def wrap(
+    model: nn.Module, beta: float = 1.0, include: Selector = None, exclude: Selector = ()
+) -> list[MirrorWeight]:
+    """Reparametrize the selected weights of `model` in place as m ⊙ w; returns them.
+
+    The network function is unchanged (up to float rounding of m0·w0).
+    """
+    beta = check_beta(beta)
+    chosen = select_modules(model, include, exclude)
+    if any(mirrored_names(mod) for _, mod in chosen):
+        raise ValueError("model is already reparametrized by mirrorprune; wrap it only once")
+    for n, mod in chosen:
+        if torch.nn.utils.parametrize.is_parametrized(mod):
+            raise ValueError(
+                f"module {n!r} uses torch.nn.utils.parametrize, which mirrorprune does not combine "
+                "with its own reparametrization; remove it or exclude the module"
+            )
+    # Group by tensor identity so tied weights share one (m, w) pair.
+    by_id: dict[int, list[tuple[str, nn.Module]]] = {}
+    for n, mod in chosen:
+        by_id.setdefault(id(mod._parameters["weight"]), []).append((n, mod))
+    _check_ties(model, by_id)
+    out = []
+    for group in by_id.values():
+        p = group[0][1]._parameters["weight"]
+        m0, w0 = mirror_init(p, beta)
+        m = nn.Parameter(m0, requires_grad=p.requires_grad)
+        w = nn.Parameter(w0, requires_grad=p.requires_grad)
+        for _, mod in group:
+            _replace_params(mod, ("weight",), {"weight_m": m, "weight_w": w})
+            mod.__class__ = _mirror_class(type(mod), ("weight",))
+        names = [f"{n}.weight" if n else "weight" for n, _ in group]
+        out.append(MirrorWeight(names, [(mod, "weight") for _, mod in group], m, w))
+    return out
+
+
+def _check_ties(model: nn.Module, by_id: dict[int, list[tuple[str, nn.Module]]]) -> None:
+    # A weight shared with a module left out of the selection would silently lose its tie.
+    chosen_mods = {id(mod) for group in by_id.values() for _, mod in group}
+    for n, mod in model.named_modules():
+        if id(mod) in chosen_mods:
+            continue
+        for pn, p in mod._parameters.items():
+            if p is not None and id(p) in by_id:
+                inside = by_id[id(p)][0][0]
+                raise ValueError(
+                    f"weight of {inside!r} is tied to {n + '.' + pn!r}, which is not selected; "
+                    "include or exclude both modules so the tie is kept"
+                )
+
+
+def _replace_params(mod: nn.Module, old: tuple[str, ...], new: dict[str, nn.Parameter]) -> None:
+    # Put the new parameters where the first old one stood, so state_dict key order is kept.
+    items = list(mod._parameters.items())
+    mod._parameters.clear()
+    for k, v in items:
+        if k == old[0]:
+            mod._parameters.update(new)
+        elif k not in old:
+            mod._parameters[k] = v
+
+
+def find_mirror_weights(model: nn.Module) -> list[MirrorWeight]:
+    """The reparametrized tensors of a wrapped model (in module order, tied ones once)."""
+    found: dict[int, MirrorWeight] = {}
+    for n, mod in model.named_modules():
+        for a in mirrored_names(mod):
+            m, w = mod._parameters[a + "_m"], mod._parameters[a + "_w"]
+            qual = f"{n}.{a}" if n else a
+            if id(m) in found:
+                found[id(m)].names.append(qual)
+                found[id(m)].modules.append((mod, a))
+            else:
+                found[id(m)] = MirrorWeight([qual], [(mod, a)], m, w)
+    return list(found.values())
+
+
+def collapse(weights: Sequence[MirrorWeight]) -> dict[str, nn.Parameter]:
+    """Replace each m ⊙ w by an ordinary Parameter holding its value; restores original classes.
+
+    Returns {qualified name: new Parameter}. Idempotent in effect: collapsed modules are plain.
+    """
+    out = {}
+    for mw in weights:
+        p = nn.Parameter(mw.x().clone(), requires_grad=mw.m.requires_grad)
+        for mod, a in mw.modules:
+            _replace_params(mod, (a + "_m", a + "_w"), {a: p})
+            rest = tuple(x for x in mirrored_names(mod) if x != a)
+            base = _base_class(mod)
+            mod.__class__ = _mirror_class(base, rest) if rest else base
+        for name in mw.names:
+            out[name] = p
+    return out
+
+
+def iter_mw_params(weights: Sequence[MirrorWeight]) -> Iterator[nn.Parameter]:
+    for mw in weights:
+        yield mw.m
+        yield mw.w

@@ -1,0 +1,137 @@
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from conftest import TiedNet, conv_net
+from torch import nn
+
+import mirrorprune as mp
+from mirrorprune.reparam import find_mirror_weights
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 1.0, 5.0])
+def test_mirror_init_identities(beta):
+    x0 = torch.randn(1000, dtype=torch.float64) * 3
+    x0[:5] = 0
+    m, w = mp.mirror_init(x0, beta)
+    torch.testing.assert_close(m * w, x0, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(m * m - w * w, torch.full_like(x0, beta), rtol=1e-12, atol=1e-12)
+    assert (m > w.abs()).all() if beta > 0 else torch.allclose(m, w.abs())
+    if beta == 0:  # spred: m0 = sqrt|x0|, w0 = sign(x0) sqrt|x0|
+        torch.testing.assert_close(m, x0.abs().sqrt())
+        torch.testing.assert_close(w, x0.sign() * x0.abs().sqrt())
+
+
+def _outputs_equal(model, x):
+    model.eval()
+    y0 = model(x)
+    keys = list(model.state_dict())
+    pilot = mp.PILoT(model, schedule=1e-3)
+    torch.testing.assert_close(model(x), y0, rtol=1e-5, atol=1e-6)
+    for mw in pilot.weights:  # the identities hold on the stored float32 tensors
+        torch.testing.assert_close(mw.m * mw.m - mw.w * mw.w, torch.ones_like(mw.m),
+                                   rtol=1e-5, atol=1e-5)
+    return pilot, keys
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_wrapping_keeps_conv_outputs(dim):
+    model = conv_net(dim)
+    x = torch.randn(2, 2, *([6] * dim))
+    model(x)  # materialize the LazyLinear
+    pilot, _ = _outputs_equal(model, x)
+    assert len(pilot.weights) == 3
+    assert {type(m).__name__ for m, _ in (mw.modules[0] for mw in pilot.weights)} >= {"Linear"}
+
+
+def test_wrapping_keeps_linear_outputs_and_state_dict_names():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x0 = model[0].weight.detach().clone()
+    pilot, keys = _outputs_equal(model, torch.randn(3, 8))
+    assert list(model.state_dict()) == ["0.weight_m", "0.weight_w", "0.bias",
+                                        "2.weight_m", "2.weight_w", "2.bias"]
+    torch.testing.assert_close(model[0].weight, x0)
+    assert isinstance(model[0], nn.Linear) and "Linear" in repr(model)
+    assert list(pilot.finalize(0.0).state_dict()) == keys
+
+
+def test_tied_weights_share_one_pair():
+    model = TiedNet()
+    x = torch.randn(4, 6)
+    pilot, keys = _outputs_equal(model, x)
+    assert len(pilot.weights) == 1 and pilot.weights[0].names == ["enc.weight", "dec.weight"]
+    assert model.enc.weight_m is model.dec.weight_m
+    assert len(list(model.parameters())) == 4  # m, w, two biases
+    out = pilot.finalize(0.5)
+    assert out.enc.weight is out.dec.weight
+    assert list(out.state_dict()) == keys
+    assert mp.sparsity_report(out).params == 36  # counted once
+
+
+def test_tie_to_unselected_module_is_refused():
+    model = TiedNet()
+    with pytest.raises(ValueError, match="tied"):
+        mp.PILoT(model, 1e-3, exclude=("dec",))
+
+
+def test_copy_pickle_and_device_moves_keep_the_reparametrization():
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+    mp.PILoT(model, 1e-3)
+    x = torch.randn(3, 5)
+    y = model(x)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(x), y)
+    assert clone[0].weight_m is not model[0].weight_m
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), y)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(model))(x), y)
+    model.double()
+    assert model[0].weight.dtype == torch.float64
+
+
+def test_include_exclude_selection():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    assert [mw.name for mw in mp.PILoT(copy.deepcopy(model), 0.0).weights] == ["0.weight",
+                                                                               "3.weight"]
+    assert [mw.name for mw in mp.PILoT(copy.deepcopy(model), 0.0, exclude=("3",)).weights] == [
+        "0.weight"]
+    assert [mw.name for mw in mp.PILoT(copy.deepcopy(model), 0.0,
+                                       include=[nn.Linear]).weights] == ["3.weight"]
+    pred = mp.PILoT(copy.deepcopy(model), 0.0, include=lambda mod, name: name == "0")
+    assert [mw.name for mw in pred.weights] == ["0.weight"]
+    bn = mp.PILoT(copy.deepcopy(model), 0.0, include=["1"])  # explicit opt-in is allowed
+    assert [mw.name for mw in bn.weights] == ["1.weight"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"include": [nn.LSTM]}, "select no prunable weight"),
+    ({"exclude": ("0", "2")}, "select no prunable weight"),
+    ({"exclude": ("fc*",)}, "exclude pattern 'fc\\*' matches no module"),
+    ({"include": ["nope"]}, "include pattern 'nope' matches no module"),
+    ({"include": [3]}, "include entries"),
+    ({"beta": -1.0}, "beta must be >= 0"),
+    ({"beta": float("nan")}, "beta must be a finite number"),
+    ({"schedule": -1e-3}, "must be >= 0"),
+    ({"schedule": "geometric"}, "schedule must be"),
+])
+def test_invalid_arguments_name_the_problem(kwargs, match):
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    kwargs = {"schedule": 1e-3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        mp.PILoT(model, **kwargs)
+    assert not find_mirror_weights(model)  # a refused wrap leaves the model untouched
+
+
+def test_model_without_prunable_weights_and_double_wrap():
+    with pytest.raises(ValueError, match="select no prunable weight"):
+        mp.PILoT(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), 1e-3)
+    with pytest.raises(ValueError, match="torch.nn.Module"):
+        mp.PILoT("resnet", 1e-3)
+    model = nn.Linear(3, 3)
+    mp.PILoT(model, 1e-3)
+    with pytest.raises(ValueError, match="already reparametrized"):
+        mp.PILoT(model, 1e-3)
