@@ -81,7 +81,7 @@ def _descend(lr, steps, alpha=3.0):
         (0.5 * (Z @ lin.weight[0] - Y).square().sum() / len(Y)).backward()
         pilot.step(lr=lr)
         opt.step()
-    return pilot.stats(), float((lin.weight - x0).abs().max())
+    return pilot.stats(), float((lin.weight.detach() - x0).abs().max())
 
 
 def test_closed_form_flow_holds_along_small_sgd_steps():

@@ -4,10 +4,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import TiedNet, conv_net
 from torch import nn
 
 import mirrorprune as mp
+from conftest import TiedNet, conv_net
 from mirrorprune.reparam import find_mirror_weights
 
 

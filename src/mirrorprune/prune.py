@@ -75,7 +75,9 @@ def _keep_mask(mag: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
-def _unique_weights(model: nn.Module, include: Selector, exclude: Selector) -> dict[str, nn.Parameter]:
+def _unique_weights(
+    model: nn.Module, include: Selector, exclude: Selector
+) -> dict[str, nn.Parameter]:
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for n, mod in select_modules(model, include, exclude):

@@ -143,7 +143,8 @@ def select_modules(
     chosen = [
         (n, mod)
         for n, mod in chosen
-        if isinstance(mod._parameters.get("weight"), nn.Parameter) or "weight" in mirrored_names(mod)
+        if isinstance(mod._parameters.get("weight"), nn.Parameter)
+        or "weight" in mirrored_names(mod)
     ]
     if not chosen:
         raise ValueError(

@@ -1,0 +1,35 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from mirrorprune.cli import main
+from mirrorprune.experiments import demo
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_api_block_runs():
+    text = README.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    api = [b for b in blocks if "mp.PILoT(" in b]
+    assert api, "README lost its API example"
+    ns: dict = {}
+    exec(compile(api[0], "README.md", "exec"), ns)
+    assert abs(ns["mp"].sparsity_report(ns["pruned"]).sparsity - 0.9) < 1e-3
+
+
+def test_demo_pilot_beats_dense_at_95_percent():
+    cfg = demo.DemoConfig(seeds=2, sparsities=(0.95,))
+    out = demo.run(cfg, progress=False)
+    acc = {r["method"]: r["accuracy_mean"] for r in out["summary"]}
+    assert acc["pilot"] >= acc["dense"] + 0.2, acc
+    assert out["report"].sparsity == pytest.approx(0.95, abs=1e-4)
+
+
+def test_cli_demo_smoke(capsys, tmp_path):
+    assert main(["demo", "--seeds", "1", "--epochs", "2", "--quiet",
+                 "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "pilot" in out and "dense" in out and "total" in out
+    assert (tmp_path / "d.json").stat().st_size > 0
