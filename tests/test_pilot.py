@@ -30,10 +30,16 @@ def test_one_sgd_step_is_the_pilot_update_exactly():
     lin(x).square().mean().backward()
     assert pilot.step() == 0.05
     opt.step()
+    # m − η(g ⊙ w + 2α m), w − η(g ⊙ m + 2α w): to float tolerance written plainly, and bit for
+    # bit when written with torch's `a + c·b` (torch.add(alpha=c)), which SGD itself uses
     torch.testing.assert_close(lin.weight_m.detach(), m0 - lr * (g * w0 + 2 * 0.05 * m0),
                                rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(lin.weight_w.detach(), w0 - lr * (g * m0 + 2 * 0.05 * w0),
                                rtol=1e-14, atol=1e-15)
+    step_m = torch.add(m0, torch.add(g * w0, m0, alpha=2 * 0.05), alpha=-lr)
+    step_w = torch.add(w0, torch.add(g * m0, w0, alpha=2 * 0.05), alpha=-lr)
+    assert torch.equal(lin.weight_m.detach(), step_m)
+    assert torch.equal(lin.weight_w.detach(), step_w)
 
 
 def test_param_groups_split_weight_decay():

@@ -134,3 +134,13 @@ def test_finalize_exact_sparsity_property(shapes, sparsity, scope, seed):
         assert rep.zeros == round(sparsity * rep.params)
     else:
         assert all(r.zeros == round(sparsity * r.params) for r in rep.layers)
+
+
+def test_pruned_checkpoint_file_round_trip(tmp_path):
+    out = mp.PILoT(_net(), 1e-3).finalize(0.9, scope="layer")
+    torch.save(out.state_dict(), tmp_path / "pruned.pt")
+    fresh = _net()
+    fresh.load_state_dict(torch.load(tmp_path / "pruned.pt", weights_only=True), strict=True)
+    for (k, p), q in zip(out.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert mp.sparsity_report(fresh).zeros == mp.sparsity_report(out).zeros
