@@ -60,3 +60,40 @@ def test_stable_for_tiny_c_and_huge_x():
     assert torch.isfinite(big).all() and big.item() > 0
     with pytest.raises(ValueError, match="beta > 0"):
         T.log_c(0.0, 1.0)
+
+
+def _problem(n=40, d=15, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(d, n, generator=g, dtype=torch.float64)
+    xs = torch.zeros(n, dtype=torch.float64)
+    xs[:k] = torch.tensor([1.0, -0.7, 0.4], dtype=torch.float64)
+    x0 = torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    return Z, Z @ xs, xs, T.z0_from_x0(x0, 1.0)
+
+
+@pytest.mark.parametrize("A", [0.0, 0.5, 3.0, 30.0])
+def test_mirror_interpolator_satisfies_kkt(A):
+    Z, Y, _, z0 = _problem()
+    logc = T.log_c(1.0, A)
+    x = T.mirror_interpolator(Z, Y, z0, logc)
+    assert float((Z @ x - Y).norm()) < 1e-9
+    # ∇R_c(x) ∈ span(Zᵀ): its component orthogonal to the row space vanishes
+    gr = T.grad_R(x, logc, z0)
+    coef = torch.linalg.lstsq(Z.T, gr.unsqueeze(1)).solution.squeeze(1)
+    assert float((gr - Z.T @ coef).norm()) < 1e-8
+    # and it beats other interpolators on R_c (random feasible perturbations)
+    null = torch.linalg.svd(Z, full_matrices=True).Vh[Z.shape[0]:]
+    for _ in range(5):
+        other = x + 1e-2 * null.T @ torch.randn(null.shape[0], dtype=torch.float64)
+        assert float(T.R(other, logc, z0)) > float(T.R(x, logc, z0))
+
+
+def test_tiny_c_limit_is_basis_pursuit_and_recovers_sparse_truth():
+    pytest.importorskip("scipy")
+    Z, Y, xs, z0 = _problem()
+    bp = T.basis_pursuit(Z, Y)
+    assert float((bp - xs).norm()) < 1e-8
+    x = T.mirror_interpolator(Z, Y, z0, T.log_c(1.0, 40.0))
+    assert float((x - bp).norm()) < 1e-8
+    far = T.mirror_interpolator(Z, Y, z0, T.log_c(1.0, 0.0))  # L2-like: not sparse
+    assert float((far - bp).norm()) > 0.1

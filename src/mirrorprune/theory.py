@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 _LOG2 = math.log(2.0)
@@ -66,3 +67,82 @@ def mirror_residual(
 ) -> torch.Tensor:
     """∇R_{c_t}(x_t) + L_t elementwise: zero along the exact flow."""
     return grad_R(x, logc, z0) + L
+
+
+def cosh_times_c(y: torch.Tensor, logc: float | torch.Tensor) -> torch.Tensor:
+    """c · cosh(y), computed without overflow for tiny c and large |y|."""
+    logc = torch.as_tensor(logc, dtype=y.dtype)
+    return torch.exp(logc + y.abs() - _LOG2) * (1 + torch.exp(-2 * y.abs()))
+
+
+def mirror_interpolator(
+    Z: torch.Tensor,
+    Y: torch.Tensor,
+    z0: torch.Tensor,
+    logc: float,
+    tol: float = 1e-12,
+    max_iter: int = 100,
+) -> torch.Tensor:
+    """argmin_{Zx = Y} R_c(x): the limit the theory predicts for underdetermined least squares.
+
+    Newton's method on the dual D(λ) = Σ ½ c cosh(z0 + 2 Zᵀλ) − λᵀY (R_c's conjugate is
+    ½ c cosh(2s + z0)), whose minimizer gives x = c sinh(z0 + 2 Zᵀλ); the KKT condition
+    ∇R_c(x) = Zᵀλ ∈ span(Zᵀ) holds by construction. For tiny c the dual is nearly piecewise
+    linear, so c is lowered by continuation from c = ½ in steps of e^-2, warm-starting λ.
+    Works in float64; `tol` is on ‖Zx − Y‖ / (1 + ‖Y‖).
+    """
+    Z, Y, z0 = (t.to(torch.float64) for t in (Z, Y, z0))
+    lam = torch.zeros(Z.shape[0], dtype=torch.float64)
+    start = max(math.log(0.5), logc)
+    n_stages = max(1, math.ceil((start - logc) / 2))
+    for i in range(1, n_stages + 1):  # intermediate stages only need a rough warm start
+        stage_tol = tol if i == n_stages else max(tol, 1e-6)
+        lam = _dual_newton(Z, Y, z0, start + (logc - start) * i / n_stages, lam, stage_tol,
+                           max_iter)
+    x = flow_x(z0, -(Z.T @ lam), logc)
+    gap = float((Z @ x - Y).norm()) / (1 + float(Y.norm()))
+    if gap > 1e-8:
+        raise RuntimeError(f"mirror_interpolator did not converge: relative residual {gap:.2e}")
+    return x
+
+
+def _dual_newton(Z, Y, z0, logc, lam, tol, max_iter):
+    def dual(lam):
+        return 0.5 * cosh_times_c(z0 + 2 * Z.T @ lam, logc).sum() - lam @ Y
+
+    scale = 1 + float(Y.norm())
+    for _ in range(max_iter):
+        y = z0 + 2 * Z.T @ lam
+        grad = Z @ flow_x(y, torch.zeros_like(y), logc) - Y
+        if float(grad.norm()) <= tol * scale:
+            return lam
+        H = 2 * (Z * cosh_times_c(y, logc)) @ Z.T
+        step = torch.linalg.solve(H + 1e-300 * torch.eye(len(H), dtype=H.dtype), grad)
+        t, d0, slope = 1.0, dual(lam), float(grad @ step)
+        while t > 1e-12:  # backtracking (Armijo) on the dual; overflow reads as +inf
+            new = lam - t * step
+            d1 = dual(new)
+            if torch.isfinite(d1) and d1 <= d0 - 0.25 * t * slope:
+                break
+            t /= 2
+        if t <= 1e-12:
+            return lam  # no further progress possible at this precision
+        lam = new
+    return lam
+
+
+def basis_pursuit(Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """argmin_{Zx = Y} ‖x‖₁ as a linear program (SciPy's HiGHS): the c → 0 limit of
+    `mirror_interpolator`."""
+    try:
+        from scipy.optimize import linprog
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("basis_pursuit needs SciPy: pip install 'mirrorprune[theory]'") from e
+    Zn, Yn = Z.double().numpy(), Y.double().numpy()
+    n = Zn.shape[1]
+    # x = p − q with p, q ≥ 0: minimize Σ p + q subject to Z p − Z q = Y
+    res = linprog(c=[1.0] * (2 * n), A_eq=np.hstack([Zn, -Zn]), b_eq=Yn, bounds=(0, None),
+                  method="highs")
+    if not res.success:
+        raise RuntimeError(f"basis pursuit LP failed: {res.message}")
+    return torch.tensor(res.x[:n] - res.x[n:], dtype=torch.float64)
