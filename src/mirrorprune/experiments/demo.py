@@ -18,6 +18,7 @@ from ..ci import mean_ci
 from ..data import load_digits
 from ..models import mlp
 from ..pilot import PILoT
+from ..provenance import provenance
 from ..prune import prune, sparsity_report
 from ..train import TrainConfig, accuracy, fit
 
@@ -63,7 +64,7 @@ def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
             mean, half = mean_ci(accs)
             summary.append({"method": method, "sparsity": s, "accuracy_mean": mean,
                             "accuracy_ci95": half, "seeds": len(accs)})
-    return {"config": asdict(cfg), "rows": rows, "summary": summary, "report": report,
+    return {"provenance": provenance(), "config": asdict(cfg), "rows": rows, "summary": summary, "report": report,
             "seconds": time.time() - t0}
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .. import schedules as S
 from .. import theory
+from ..provenance import provenance
 
 #: method name -> (kind, beta): kind "pilot" = α(‖m‖² + ‖w‖²) on m ⊙ w; "l1_m" = λ‖m‖₁ on m ⊙ w;
 #: "l1_x" = λ‖x‖₁ on x itself.
@@ -335,7 +336,7 @@ def run(cfg: DiagConfig, out: Path | str, progress: bool = True) -> dict:
     write_csv(out / "trajectories.csv", cfg, sim)
     figures = plot_all(out, cfg, problem, sim, summary)
     summary["seconds"] = time.time() - t0
-    result = {"config": asdict(cfg), "figures": figures, **summary}
+    result = {"provenance": provenance(), "config": asdict(cfg), "figures": figures, **summary}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "results.json")
