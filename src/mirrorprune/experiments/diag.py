@@ -259,7 +259,7 @@ def plot_all(out: Path, cfg: DiagConfig, problem: dict, sim: dict, summary: dict
 
     def axes_style(ax, title):
         ax.set(xscale="log", yscale="log", xlabel="flow time t = step · η",
-               ylabel="‖x_t − x*‖₂ (mean over inits)", title=title)
+               ylabel="‖x_t − x*‖₂ (mean over runs)", title=title)
         ax.axhline(0.01 * xs_norm, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
 
