@@ -1,32 +1,305 @@
-"""Offline datasets as in-memory tensors. (Now: scikit-learn's bundled digits.)"""
+"""Offline datasets as in-memory uint8 tensors, with vectorized batching and augmentation.
+
+Sources (no downloads):
+- cifar10: `cifar10-jpeg.tar.gz` (train/<class>/NNNN.jpg, test/...; JPEG-compressed, so report
+  it as "CIFAR-10 (JPEG)"), or the standard python folder `cifar-10-batches-py`.
+- mnist: `mnist.npz` (x_train, y_train, x_test, y_test).
+- fashion-mnist: the idx `.gz` files of Debian's `dataset-fashion-mnist`
+  (/usr/share/datasets/fashion-mnist) or any folder holding them.
+- digits: scikit-learn's bundled 8x8 digits (a fixed stratified 80/20 split).
+
+Where: the `data_dir` argument, else $MIRRORPRUNE_DATA, else `../shared/data` and `shared/data`
+from the working directory and from the source checkout. Decoded JPEGs are cached as .npz under
+$MIRRORPRUNE_CACHE (default ~/.cache/mirrorprune).
+"""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+DATASETS = ("cifar10", "mnist", "fashion-mnist", "digits")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
+_NORM = {  # per-channel mean and std of the training images, in [0, 1] units
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "digits": ((0.3061,), (0.3769,)),
+}
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """scikit-learn's bundled 8x8 digits (1,797 images, no download), flattened to 64 features.
+class DataNotFoundError(FileNotFoundError):
+    pass
 
-    Returns x_train, y_train, x_test, y_test: a stratified split fixed by `seed`, features scaled
-    to [0, 1] and centered with the training mean.
-    """
+
+@dataclass
+class ImageData:
+    """Images as uint8 (N, C, H, W), labels as int64, and how to turn them into inputs."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR training
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, n: int, seed: int = 0) -> ImageData:
+        """A fixed class-balanced subset of n examples (for CPU budgets)."""
+        if n >= len(self):
+            return self
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.cat([c[torch.randperm(len(c), generator=g)[: n // 10]]
+                         for c in (torch.nonzero(self.y == k).flatten() for k in range(10))])
+        idx = idx.sort().values
+        return ImageData(self.name, self.x[idx], self.y[idx], self.mean, self.std, self.augment)
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0, augment: bool | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalized float batches; with shuffle, the order and augmentation depend only on
+        `seed`, so an epoch can be replayed exactly (resume)."""
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
+        aug = self.augment if augment is None else augment
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        for i in range(0, len(self), batch_size):
+            idx = order[i : i + batch_size]
+            xb = self.x[idx]
+            if aug:
+                xb = crop_flip(xb, g)
+            yield (xb.float().div_(255) - mean) / std, self.y[idx]
+
+
+def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding, and random horizontal flip, per image, vectorized."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W))[:, None, None, :]
+    flip = torch.rand(B, generator=g) < 0.5
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None],
+                  rows, cols]
+
+
+# ----------------------------------------------------------------------------------------------
+# finding files
+
+
+def search_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    if data_dir is not None:
+        return [Path(data_dir)]
+    dirs = [Path(os.environ["MIRRORPRUNE_DATA"])] if os.environ.get("MIRRORPRUNE_DATA") else []
+    repo = Path(__file__).resolve().parents[2]
+    for base in (Path.cwd(), repo):
+        dirs += [base.parent / "shared" / "data", base / "shared" / "data"]
+    return list(dict.fromkeys(dirs))
+
+
+def _find(names: list[str], dirs: list[Path], what: str, how: str) -> Path:
+    for d in dirs:
+        for n in names:
+            if (d / n).exists():
+                return d / n
+        if d.name in names and d.exists():  # the path points at the file or folder itself
+            return d
+    looked = ", ".join(str(d / n) for d in dirs for n in names)
+    raise DataNotFoundError(f"{what} not found; looked for {looked}. {how}")
+
+
+def _corrupt(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); replace it with "
+                      "a fresh copy (and delete any cached .npz under $MIRRORPRUNE_CACHE)")
+
+
+# ----------------------------------------------------------------------------------------------
+# loaders
+
+
+def load(name: str, split: str = "train", data_dir: str | Path | None = None) -> ImageData:
+    """Load `split` ("train" or "test") of dataset `name` (one of DATASETS)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    x, y = {"cifar10": _cifar10, "mnist": _mnist, "fashion-mnist": _fashion,
+            "digits": _digits}[name](split, data_dir)
+    if x.ndim == 3:
+        x = x[:, None]
+    mean, std = _NORM[name]
+    return ImageData(name, torch.from_numpy(np.ascontiguousarray(x)),
+                     torch.from_numpy(y.astype(np.int64)), mean, std,
+                     augment=name == "cifar10" and split == "train")
+
+
+def _cifar10(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    path = _find(["cifar10-jpeg.tar.gz", "cifar-10-batches-py"], search_dirs(data_dir),
+                 "CIFAR-10", "Pass data_dir=/ --data-dir pointing at cifar10-jpeg.tar.gz or the "
+                 "python version's cifar-10-batches-py folder (cs.toronto.edu/~kriz/cifar.html).")
+    if path.is_dir():
+        return _cifar_python(path, split)
+    return _cifar_jpeg(path, split)
+
+
+def _cifar_python(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for f in files:
+        p = folder / f
+        if not p.exists():
+            raise DataNotFoundError(f"{p} is missing: {folder} is not a complete "
+                                    "cifar-10-batches-py folder")
+        try:
+            with open(p, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[b"labels"]))
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+            raise _corrupt(p, e) from e
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _cache_path(src: Path) -> Path:
+    st = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get("MIRRORPRUNE_CACHE", Path.home() / ".cache" / "mirrorprune"))
+    return root / f"{src.name}.{key}.npz"
+
+
+def _cifar_jpeg(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    cache = _cache_path(archive)
+    if cache.exists():
+        try:
+            with np.load(cache) as z:
+                return z[f"x_{split}"], z[f"y_{split}"]
+        except (OSError, ValueError, KeyError):
+            cache.unlink(missing_ok=True)  # a broken cache is rebuilt, never trusted
+    from PIL import Image
+
+    out: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
+    try:
+        with tarfile.open(archive) as tf:
+            for m in tf:
+                parts = m.name.split("/")
+                if not m.isfile() or len(parts) != 3 or parts[0] not in out:
+                    continue
+                img = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")
+                out[parts[0]][0].append((parts[1], parts[2], np.asarray(img)))
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
+        raise _corrupt(archive, e) from e
+    arrays = {}
+    for s, (items, _) in out.items():
+        if not items:
+            raise _corrupt(archive, ValueError(f"no {s}/<class>/*.jpg images inside"))
+        items.sort(key=lambda t: (CIFAR_CLASSES.index(t[0]), t[1]))
+        arrays[f"x_{s}"] = np.stack([t[2] for t in items]).transpose(0, 3, 1, 2)
+        arrays[f"y_{s}"] = np.array([CIFAR_CLASSES.index(t[0]) for t in items], dtype=np.int64)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(cache)
+    return arrays[f"x_{split}"], arrays[f"y_{split}"]
+
+
+def _mnist(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    path = _find(["mnist.npz"], search_dirs(data_dir), "MNIST",
+                 "Pass --data-dir pointing at a folder with mnist.npz (x_train, y_train, x_test, "
+                 "y_test), as in the project's shared/data.")
+    try:
+        with np.load(path) as z:
+            return z[f"x_{split}"], z[f"y_{split}"]
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise _corrupt(path, e) from e
+
+
+def _idx(path: Path) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an unsigned-byte idx file")
+        shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return arr.reshape(shape)
+    except (OSError, EOFError, ValueError, struct.error) as e:
+        raise _corrupt(path, e) from e
+
+
+def _fashion(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    name = f"{prefix}-images-idx3-ubyte.gz"
+    dirs = search_dirs(data_dir)
+    if data_dir is None:
+        dirs += [FASHION_SYSTEM_DIR]
+    images = _find([name], dirs + [d / "fashion-mnist" for d in dirs], "Fashion-MNIST",
+                   "Install it with `apt-get install dataset-fashion-mnist` (files land in "
+                   f"{FASHION_SYSTEM_DIR}) or pass --data-dir with the idx .gz files.")
+    labels = images.parent / f"{prefix}-labels-idx1-ubyte.gz"
+    return _idx(images), _idx(labels)
+
+
+def _digits(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the digits dataset needs scikit-learn: pip install 'mirrorprune[data]'"
-        ) from e
+        raise ImportError("the digits dataset needs scikit-learn: "
+                          "pip install 'mirrorprune[data]'") from e
+    d = _load()
+    x = np.clip(d.images * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+    test = _stratified_test_mask(d.target, 0.2, seed=0)
+    keep = test if split == "test" else ~test
+    return x[keep], d.target[keep]
+
+
+def _stratified_test_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.nonzero(y == c)[0]
+        idx = idx[torch.randperm(len(idx), generator=g).numpy()]
+        test[idx[: round(fraction * len(idx))]] = True
+    return test
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """scikit-learn's digits flattened to 64 features in [0, 1], centered with the training mean:
+    x_train, y_train, x_test, y_test (the demo's data)."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    from sklearn.datasets import load_digits as _load
+
     d = _load()
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    test = torch.zeros(len(y), dtype=torch.bool)
-    for c in range(10):  # stratified: the same fraction of every class in the test split
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        test[idx[: round(test_fraction * len(idx))]] = True
+    test = torch.from_numpy(_stratified_test_mask(d.target, test_fraction, seed))
     mean = x[~test].mean(0)
     return x[~test] - mean, y[~test], x[test] - mean, y[test]

@@ -6,21 +6,20 @@ weight decay, then one-shot global magnitude pruning (no fine-tuning for either 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from .. import schedules
 from ..ci import mean_ci
-from ..data import load_digits
+from ..data import load
+from ..methods import Method, Pilot
 from ..models import mlp
-from ..pilot import PILoT
-from ..provenance import provenance
 from ..prune import prune, sparsity_report
-from ..train import TrainConfig, accuracy, fit
+from ..provenance import provenance
+from ..train import TrainConfig, evaluate, train
 
 
 @dataclass
@@ -31,41 +30,39 @@ class DemoConfig:
     alpha0: float = 3e-3  # PILoT: geometric α0·0.95^epoch, so A_∞ is finite (turned off in time)
     p: float = 0.95
     beta: float = 1.0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, batch_size=64))
 
 
 def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
     """Train dense and PILoT models for each seed, prune each to every sparsity, evaluate."""
     cfg = cfg or DemoConfig()
     t0 = time.time()
-    xtr, ytr, xte, yte = load_digits()
-    steps_per_epoch = math.ceil(len(xtr) / cfg.train.batch_size)
+    tr, te = load("digits", "train"), load("digits", "test")
     rows, report = [], None
-    jobs = [(seed, method) for seed in range(cfg.seeds) for method in ("dense", "pilot")]
-    for seed, method in tqdm(jobs, desc="demo", disable=not progress):
+    jobs = [(seed, name) for seed in range(cfg.seeds) for name in ("dense", "pilot")]
+    for seed, name in tqdm(jobs, desc="demo", disable=not progress):
         torch.manual_seed(seed)
-        model = mlp(cfg.sizes)
-        tcfg = TrainConfig(**{**asdict(cfg.train), "seed": seed})
-        pilot = None
-        if method == "pilot":
-            sched = schedules.Every(schedules.Geometric(cfg.alpha0, cfg.p), steps_per_epoch)
-            pilot = PILoT(model, schedule=sched, beta=cfg.beta)
-        fit(model, xtr, ytr, tcfg, pilot)
+        model = nn.Sequential(nn.Flatten(), *mlp(cfg.sizes))
+        method = (Pilot(alpha=cfg.alpha0, p=cfg.p, beta=cfg.beta) if name == "pilot"
+                  else Method())
+        train(model, method, tr, None, TrainConfig(**{**asdict(cfg.train), "seed": seed}),
+              progress=False)
+        plain = method.export()
         for s in cfg.sparsities:
-            pruned = pilot.finalize(s) if pilot else prune(model, s)
-            rows.append({"method": method, "seed": seed, "sparsity": s,
-                         "accuracy": accuracy(pruned, xte, yte)})
-            if pilot and seed == 0 and s == max(cfg.sparsities):
+            pruned = prune(plain, s)
+            rows.append({"method": name, "seed": seed, "sparsity": s,
+                         "accuracy": evaluate(pruned, te)})
+            if name == "pilot" and seed == 0 and s == max(cfg.sparsities):
                 report = sparsity_report(pruned)
     summary = []
-    for method in ("dense", "pilot"):
+    for name in ("dense", "pilot"):
         for s in cfg.sparsities:
-            accs = [r["accuracy"] for r in rows if r["method"] == method and r["sparsity"] == s]
+            accs = [r["accuracy"] for r in rows if r["method"] == name and r["sparsity"] == s]
             mean, half = mean_ci(accs)
-            summary.append({"method": method, "sparsity": s, "accuracy_mean": mean,
+            summary.append({"method": name, "sparsity": s, "accuracy_mean": mean,
                             "accuracy_ci95": half, "seeds": len(accs)})
-    return {"provenance": provenance(), "config": asdict(cfg), "rows": rows, "summary": summary, "report": report,
-            "seconds": time.time() - t0}
+    return {"provenance": provenance(), "config": asdict(cfg), "rows": rows,
+            "summary": summary, "report": report, "seconds": time.time() - t0}
 
 
 def format_table(summary: list[dict]) -> str:

@@ -1,0 +1,102 @@
+"""The one small interface every method implements, and dense training (x = x) as its base."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..reparam import Selector, select_modules
+
+
+class Method:
+    """Dense training (x = x) with ordinary weight decay; pruned by global magnitude afterwards.
+
+    The training loop calls, in order: `attach(model, steps_per_epoch, epochs)` once, then per
+    epoch `start_epoch(epoch)`, and per step `loss + penalty()`, `backward()`,
+    `before_step(lr)`, `optimizer.step()`, `after_step()`. `export()` returns a plain copy of the
+    model after the method's own finalization (a hard mask, a collapsed m ⊙ w, ...), ready for
+    exact magnitude pruning of the same selection of weights.
+    """
+
+    name = "dense"
+    uses_mw = False  # trains a product m ⊙ w (the paper gives those a doubled learning rate)
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, include: Selector = None, exclude: Selector = (), **hparams: Any):
+        unknown = set(hparams) - set(self.defaults)
+        if unknown:
+            valid = ", ".join(f"{k} (default {v!r})" for k, v in self.defaults.items()) or "none"
+            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for method "
+                             f"{self.name!r}; valid: {valid}")
+        self.hp = {**self.defaults, **hparams}
+        self.include, self.exclude = include, exclude
+        self.model: nn.Module | None = None
+        self.step_count = 0
+
+    # ---------------------------------------------------------------- training hooks
+
+    def attach(self, model: nn.Module, steps_per_epoch: int, epochs: int) -> None:
+        self.model, self.steps_per_epoch, self.epochs = model, steps_per_epoch, epochs
+        self.modules = select_modules(model, self.include, self.exclude)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.model.parameters()), "weight_decay": weight_decay}]
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def before_step(self, lr: float) -> None:
+        pass
+
+    def after_step(self) -> None:
+        self.step_count += 1
+
+    # ---------------------------------------------------------------- results
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The effective prunable weights (detached), tied ones once."""
+        out, seen = {}, set()
+        for n, mod in self.modules:
+            w = mod.weight
+            key = id(mod._parameters.get("weight", mod))
+            if key not in seen:
+                seen.add(key)
+                out[f"{n}.weight" if n else "weight"] = w.detach()
+        return out
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, float]:
+        """‖x‖₁, exact zeros, and the |x| below which 90/95/99% of the weights lie (the magnitude
+        that pruning to that sparsity removes: small values mean pruning is nearly free)."""
+        flat = torch.cat([w.flatten().abs().float() for w in self.weights().values()])
+        out = {"l1": float(flat.sum()), "zeros": float((flat == 0).float().mean())}
+        srt = flat.sort().values
+        for q in (90, 95, 99):
+            out[f"q{q}"] = float(srt[min(len(srt) - 1, math.ceil(q / 100 * len(srt)) - 1)])
+        return out
+
+    def export(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = state["step_count"]
+
+
+class L1(Method):
+    """Dense with an explicit L1 penalty λ‖x‖₁ on the prunable weights (SPEC §3)."""
+
+    name = "l1"
+    defaults = {"lam": 1e-4}
+
+    def penalty(self) -> torch.Tensor:
+        return self.hp["lam"] * sum(mod.weight.abs().sum() for _, mod in self.modules)

@@ -1,0 +1,52 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017) with a cubic sparsity ramp."""
+
+from __future__ import annotations
+
+import torch
+
+from ..prune import magnitude_masks
+from .base import Method
+
+
+class GMP(Method):
+    """Prune to `target` along s_t = target·(1 − (1 − progress)³) between the fractions `start`
+    and `end` of training, recomputing global magnitude masks every `every` steps; pruned weights
+    are held at zero after every optimizer step."""
+
+    name = "gmp"
+    defaults = {"target": 0.9, "start": 0.1, "end": 0.75, "every": 50, "scope": "global"}
+
+    def attach(self, model, steps_per_epoch, epochs):
+        super().attach(model, steps_per_epoch, epochs)
+        if not 0 <= self.hp["start"] < self.hp["end"] <= 1:
+            raise ValueError("gmp needs 0 <= start < end <= 1 (fractions of training)")
+        self.total = steps_per_epoch * epochs
+        self.masks: dict[str, torch.Tensor] | None = None
+
+    def sparsity_at(self, step: int) -> float:
+        t0, t1 = self.hp["start"] * self.total, self.hp["end"] * self.total
+        progress = min(1.0, max(0.0, (step - t0) / max(1.0, t1 - t0)))
+        return self.hp["target"] * (1 - (1 - progress) ** 3)
+
+    @torch.no_grad()
+    def after_step(self):
+        super().after_step()
+        k = self.step_count
+        in_ramp = self.hp["start"] * self.total <= k <= self.hp["end"] * self.total + self.hp["every"]
+        if in_ramp and (k % self.hp["every"] == 0 or self.masks is None):
+            s = self.sparsity_at(k)
+            if s > 0:
+                self.masks = magnitude_masks(self.weights(), s, self.hp["scope"])
+        if self.masks is not None:
+            for n, mod in self.modules:
+                mod.weight.mul_(self.masks[f"{n}.weight" if n else "weight"])
+
+    def stats(self):
+        return {**super().stats(), "gmp_sparsity": self.sparsity_at(self.step_count)}
+
+    def state_dict(self):
+        return {**super().state_dict(), "masks": self.masks}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.masks = state["masks"]

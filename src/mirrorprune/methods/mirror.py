@@ -1,0 +1,105 @@
+"""Methods that train x = m ⊙ w: PILoT, spred (β = 0, constant weight decay) and L1 on m."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import schedules as S
+from ..pilot import PILoT
+from .base import Method
+
+
+class Pilot(Method):
+    """PILoT: α_t(‖m‖² + ‖w‖²) on x = m ⊙ w with m0² − w0² = beta.
+
+    schedule (k counted in epochs): "geometric" α·p^epoch with p = decay_to^(1/epochs) unless p is
+    given (paper: p = 0.95), "constant", "harmonic", "quadratic", or "half" (constant for the first
+    half of training, then off). m and w get no ordinary weight decay.
+    """
+
+    name = "pilot"
+    uses_mw = True
+    defaults = {"alpha": 1e-3, "schedule": "geometric", "p": None, "decay_to": 0.01, "beta": 1.0}
+
+    def make_schedule(self) -> S.Schedule:
+        a, kind = self.hp["alpha"], self.hp["schedule"]
+        if kind == "geometric":
+            p = self.hp["p"] or self.hp["decay_to"] ** (1 / max(1, self.epochs))
+            per_epoch = S.Geometric(a, p)
+        elif kind == "half":
+            per_epoch = S.OffAfter(S.Constant(a), max(1, self.epochs // 2))
+        elif kind in ("constant", "harmonic", "quadratic"):
+            per_epoch = {"constant": S.Constant, "harmonic": S.Harmonic,
+                         "quadratic": S.Quadratic}[kind](a)
+        else:
+            raise ValueError(f"unknown PILoT schedule {kind!r}; choose geometric, constant, "
+                             "harmonic, quadratic or half")
+        return S.Every(per_epoch, self.steps_per_epoch)
+
+    def attach(self, model, steps_per_epoch, epochs):
+        super().attach(model, steps_per_epoch, epochs)
+        self.pilot = PILoT(model, self.make_schedule(), beta=self.hp["beta"],
+                           include=self.include, exclude=self.exclude)
+
+    def param_groups(self, weight_decay):
+        return self.pilot.param_groups(weight_decay)
+
+    def before_step(self, lr):
+        self.pilot.step(lr=lr)
+
+    def weights(self):
+        return {mw.name: mw.x() for mw in self.pilot.weights}
+
+    def stats(self):
+        st = self.pilot.stats()
+        return {**super().stats(), **{k: st[k] for k in ("alpha", "A", "c_measured")}}
+
+    def export(self):
+        return self.pilot.finalize(0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pilot": self.pilot.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.pilot.load_state_dict(state["pilot"])
+
+
+class Spred(Pilot):
+    """spred (Ziyin & Wang 2023): m ⊙ w from β = 0 (m0 = sqrt|x0|, w0 = sign(x0) sqrt|x0|) with a
+    constant weight decay alpha on m and w — at the optimum an L1 penalty 2α‖x‖₁."""
+
+    name = "spred"
+    defaults = {"alpha": 1e-4}
+
+    def make_schedule(self):
+        return S.Constant(self.hp["alpha"])
+
+    def attach(self, model, steps_per_epoch, epochs):
+        Method.attach(self, model, steps_per_epoch, epochs)
+        self.pilot = PILoT(model, self.make_schedule(), beta=0.0, include=self.include,
+                           exclude=self.exclude)
+
+
+class L1OnM(Pilot):
+    """x = m ⊙ w (β = 1) with an L1 penalty λ‖m‖₁ and ordinary weight decay on every parameter."""
+
+    name = "l1_m"
+    defaults = {"lam": 1e-4, "beta": 1.0}
+
+    def make_schedule(self):
+        return S.Constant(0.0)
+
+    def param_groups(self, weight_decay):
+        return [{"params": list(self.model.parameters()), "weight_decay": weight_decay}]
+
+    def penalty(self) -> torch.Tensor:
+        return self.hp["lam"] * sum(mw.m.abs().sum() for mw in self.pilot.weights)
+
+    def before_step(self, lr):
+        pass
+
+    def stats(self):
+        return Method.stats(self)

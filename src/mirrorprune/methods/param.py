@@ -1,0 +1,145 @@
+"""Baselines that compute the weight from other tensors, via torch.nn.utils.parametrize:
+Continuous Sparsification, Powerpropagation and STR (SPEC §3)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .base import Method
+
+
+class _Parametrized(Method):
+    """Registers `make_param(weight)` on every selected weight; export collapses it with
+    `final(param, original)`, the method's own end-of-training weight."""
+
+    def make_param(self, weight: torch.Tensor) -> nn.Module:
+        raise NotImplementedError
+
+    def final(self, param: nn.Module, original: torch.Tensor) -> torch.Tensor:
+        return param(original)
+
+    def attach(self, model, steps_per_epoch, epochs):
+        super().attach(model, steps_per_epoch, epochs)
+        for _, mod in self.modules:
+            if not parametrize.is_parametrized(mod, "weight"):  # tied weights: once
+                parametrize.register_parametrization(mod, "weight",
+                                                     self.make_param(mod.weight.detach()))
+
+    def params(self) -> list[nn.Module]:
+        return [mod.parametrizations.weight[0] for _, mod in self.modules]
+
+    def param_groups(self, weight_decay):
+        # the parametrization's own parameters (mask logits, thresholds) are grouped apart
+        own = {id(p) for q in self.params() for p in q.parameters()}
+        rest = [p for p in self.model.parameters() if id(p) not in own]
+        return [{"params": rest, "weight_decay": weight_decay},
+                {"params": [p for q in self.params() for p in q.parameters()],
+                 "weight_decay": weight_decay if self.decay_own else 0.0}]
+
+    decay_own = False
+
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        model = copy.deepcopy(self.model)
+        for n, mod in self.modules:
+            copy_mod = model.get_submodule(n)
+            if not parametrize.is_parametrized(copy_mod, "weight"):
+                continue
+            p = copy_mod.parametrizations.weight
+            value = self.final(p[0], p.original).detach().clone()
+            parametrize.remove_parametrizations(copy_mod, "weight", leave_parametrized=False)
+            copy_mod.weight.copy_(value)
+        return model
+
+
+class _SigmoidMask(nn.Module):
+    def __init__(self, shape: torch.Size, s_init: float):
+        super().__init__()
+        self.s = nn.Parameter(torch.full(shape, float(s_init)))
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def forward(self, w):
+        return w * torch.sigmoid(self.temperature * self.s)
+
+
+class ContinuousSparsification(_Parametrized):
+    """Continuous Sparsification (Savarese et al. 2020): x = w ⊙ σ(T·s), penalty λ Σ σ(T·s),
+    temperature T raised geometrically from 1 to t_final over training (per epoch), final hard
+    mask 1[s > 0]. s starts at s_init (negative for high sparsity); no weight decay on s."""
+
+    name = "cs"
+    defaults = {"lam": 1e-8, "s_init": -0.1, "t_final": 200.0}
+
+    def make_param(self, weight):
+        return _SigmoidMask(weight.shape, self.hp["s_init"])
+
+    def start_epoch(self, epoch):
+        t = self.hp["t_final"] ** (epoch / max(1, self.epochs - 1))
+        for q in self.params():
+            q.temperature.fill_(t)
+
+    def penalty(self):
+        return self.hp["lam"] * sum(torch.sigmoid(q.temperature * q.s).sum() for q in self.params())
+
+    def final(self, param, original):
+        return original * (param.s > 0)
+
+    def stats(self):
+        return {**super().stats(), "temperature": float(self.params()[0].temperature)}
+
+
+class _Power(nn.Module):
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
+
+    def forward(self, v):
+        return v * v.abs().pow(self.a - 1)
+
+    def right_inverse(self, x):
+        return x.sign() * x.abs().pow(1 / self.a)
+
+
+class Powerprop(_Parametrized):
+    """Powerpropagation (Schwarz et al. 2021): x = v·|v|^(a−1), v initialized so x0 is unchanged;
+    ordinary weight decay on v."""
+
+    name = "powerprop"
+    defaults = {"a": 2.0}
+
+    def make_param(self, weight):
+        if not self.hp["a"] >= 1:
+            raise ValueError(f"powerprop exponent a must be >= 1, got {self.hp['a']}")
+        return _Power(self.hp["a"])
+
+
+class _SoftThreshold(nn.Module):
+    def __init__(self, s_init: float):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(float(s_init)))
+
+    def forward(self, w):
+        return w.sign() * F.relu(w.abs() - torch.sigmoid(self.s))
+
+
+class STR(_Parametrized):
+    """Soft Threshold Reparameterization (Kusupati et al. 2020): x = sign(w)·relu(|w| − σ(s_l)),
+    one learnable s per layer from s_init, weight decay on w and s. Sparsity is set by s_init and
+    the weight decay: a larger s_init or decay gives sparser models."""
+
+    name = "str"
+    defaults = {"s_init": -5.0}
+    decay_own = True
+
+    def make_param(self, weight):
+        return _SoftThreshold(self.hp["s_init"])
+
+    def stats(self):
+        th = [float(torch.sigmoid(q.s)) for q in self.params()]
+        return {**super().stats(), "threshold_mean": sum(th) / len(th)}
