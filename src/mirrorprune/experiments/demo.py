@@ -17,8 +17,8 @@ from ..ci import mean_ci
 from ..data import load
 from ..methods import Method, Pilot
 from ..models import mlp
-from ..prune import prune, sparsity_report
 from ..provenance import provenance
+from ..prune import prune, sparsity_report
 from ..train import TrainConfig, evaluate, train
 
 

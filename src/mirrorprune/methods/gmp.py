@@ -32,7 +32,8 @@ class GMP(Method):
     def after_step(self):
         super().after_step()
         k = self.step_count
-        in_ramp = self.hp["start"] * self.total <= k <= self.hp["end"] * self.total + self.hp["every"]
+        end = self.hp["end"] * self.total + self.hp["every"]  # one update past the ramp's end
+        in_ramp = self.hp["start"] * self.total <= k <= end
         if in_ramp and (k % self.hp["every"] == 0 or self.masks is None):
             s = self.sparsity_at(k)
             if s > 0:

@@ -4,7 +4,6 @@ Continuous Sparsification, Powerpropagation and STR (SPEC §3)."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +46,7 @@ class _Parametrized(Method):
     @torch.no_grad()
     def export(self) -> nn.Module:
         model = copy.deepcopy(self.model)
-        for n, mod in self.modules:
+        for n, _ in self.modules:
             copy_mod = model.get_submodule(n)
             if not parametrize.is_parametrized(copy_mod, "weight"):
                 continue
