@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from dataclasses import replace
@@ -47,6 +48,42 @@ def _diag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_hparams(items: list[str]) -> dict[str, dict]:
+    """["pilot.alpha=1e-3", ...] -> {"pilot": {"alpha": 0.001}}; values are Python literals or
+    plain strings."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--hp expects METHOD.NAME=VALUE (e.g. pilot.alpha=1e-3), "
+                             f"got {item!r}")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        out.setdefault(method, {})[name] = parsed
+    return out
+
+
+def _oneshot(args: argparse.Namespace) -> int:
+    from .experiments import oneshot
+
+    cfg = oneshot.OneshotConfig(
+        dataset=args.dataset, model=args.model, methods=tuple(args.methods.split(",")),
+        seeds=args.seeds, preset=args.preset, hparams=_parse_hparams(args.hp),
+        epochs=args.epochs, exclude=tuple(args.exclude), bn_recalibrate=args.bn_recalibrate,
+        data_dir=args.data_dir)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"mirrorprune oneshot: {e}") from None
+    res = oneshot.run(cfg, args.out, progress=not args.quiet)
+    print(res["table"])
+    print(f"wrote {args.out}/: {', '.join(res['files'])} and runs/ ({res['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirrorprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -76,6 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log-spaced points kept per trajectory in trajectories.csv (default 200)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_diag)
+
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+
+    o = sub.add_parser("oneshot", help="one-shot pruning sweep of several methods (paper Fig. 2)")
+    o.add_argument("--dataset", choices=DATASETS, default="mnist")
+    o.add_argument("--model", choices=list(MODELS), default="lenet_300_100")
+    o.add_argument("--methods", default="dense,pilot",
+                   help=f"comma-separated, from: {','.join(METHODS)}")
+    o.add_argument("--seeds", type=int, default=3)
+    o.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
+                   help="training budget: cpu (minutes per run) or paper (SPEC §4.2, GPU)")
+    o.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    o.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="method hyperparameter, e.g. pilot.alpha=1e-3 (repeatable)")
+    o.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="module names kept dense (repeatable), e.g. conv1")
+    o.add_argument("--bn-recalibrate", action="store_true",
+                   help="re-estimate BatchNorm statistics after pruning (off, as in the paper)")
+    o.add_argument("--data-dir", default=None, help="where the dataset files are")
+    o.add_argument("--out", required=True, help="output folder (runs resume from it)")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.set_defaults(func=_oneshot)
     return p
 
 

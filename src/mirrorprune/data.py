@@ -22,6 +22,7 @@ import os
 import pickle
 import struct
 import tarfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,7 @@ def _cifar_jpeg(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             with np.load(cache) as z:
                 return z[f"x_{split}"], z[f"y_{split}"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             cache.unlink(missing_ok=True)  # a broken cache is rebuilt, never trusted
     from PIL import Image
 
@@ -236,7 +237,7 @@ def _mnist(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as z:
             return z[f"x_{split}"], z[f"y_{split}"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise _corrupt(path, e) from e
 
 
@@ -249,7 +250,7 @@ def _idx(path: Path) -> np.ndarray:
             raise ValueError("not an unsigned-byte idx file")
         shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
         arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        return arr.reshape(shape)
+        return arr.reshape(shape).copy()
     except (OSError, EOFError, ValueError, struct.error) as e:
         raise _corrupt(path, e) from e
 

@@ -73,7 +73,7 @@ class ContinuousSparsification(_Parametrized):
     mask 1[s > 0]. s starts at s_init (negative for high sparsity); no weight decay on s."""
 
     name = "cs"
-    defaults = {"lam": 1e-8, "s_init": -0.1, "t_final": 200.0}
+    defaults = {"lam": 1e-8, "s_init": -0.05, "t_final": 200.0}
 
     def make_param(self, weight):
         return _SigmoidMask(weight.shape, self.hp["s_init"])
@@ -140,5 +140,5 @@ class STR(_Parametrized):
         return _SoftThreshold(self.hp["s_init"])
 
     def stats(self):
-        th = [float(torch.sigmoid(q.s)) for q in self.params()]
+        th = [float(torch.sigmoid(q.s.detach())) for q in self.params()]
         return {**super().stats(), "threshold_mean": sum(th) / len(th)}

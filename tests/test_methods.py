@@ -1,0 +1,76 @@
+import pytest
+import torch
+from torch import nn
+
+import mirrorprune as mp
+from mirrorprune.data import ImageData
+from mirrorprune.methods import METHODS, create_method
+from mirrorprune.train import TrainConfig, evaluate, train
+
+
+def _tiny_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 255, (n, 1, 6, 6), generator=g, dtype=torch.uint8)
+    y = (x.float().mean((1, 2, 3)) > 127).long() + 2 * (x[:, 0, 0, 0] > 127).long()
+    return ImageData("tiny", x, y, (0.5,), (0.3,))
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_trains_and_exports_a_plain_model_with_exact_sparsity(name):
+    data = _tiny_data()
+    model = _net()
+    keys = set(_net().state_dict())
+    hp = {"gmp": {"target": 0.5, "every": 2}, "cs": {"s_init": 0.05}}.get(name, {})
+    method = create_method(name, **hp)
+    log = train(model, method, data, data, TrainConfig(epochs=3, batch_size=16, lr=0.05),
+                progress=False)
+    assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)
+    assert {"l1", "q90", "q95", "q99", "zeros"} <= set(log[-1])
+    plain = method.export()
+    assert set(plain.state_dict()) == keys and not mp.is_wrapped(plain)
+    fresh = _net()
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    own = mp.sparsity_report(plain).sparsity
+    for s in (0.5, 0.9):
+        pruned = mp.prune(plain, s)
+        rep = mp.sparsity_report(pruned)
+        assert rep.zeros == max(round(s * rep.params), round(own * rep.params))
+        assert 0 <= evaluate(pruned, data) <= 1
+    if name == "gmp":
+        assert own == pytest.approx(0.5, abs=0.01)
+
+
+def test_method_specific_behaviour():
+    assert create_method("pilot").uses_mw and not create_method("dense").uses_mw
+    with pytest.raises(ValueError, match="unknown hyperparameter.*alpha \\(default"):
+        create_method("pilot", alpah=1.0)
+    with pytest.raises(ValueError, match="unknown method 'prune'; choose one of dense"):
+        create_method("prune")
+    m = create_method("gmp", target=0.9, start=0.2, end=0.6)
+    m.attach(_net(), steps_per_epoch=10, epochs=10)
+    assert m.sparsity_at(0) == 0 and m.sparsity_at(60) == pytest.approx(0.9)
+    assert m.sparsity_at(40) == pytest.approx(0.9 * (1 - 0.5**3))
+    cs = create_method("cs", t_final=100.0)
+    cs.attach(_net(), 1, 3)
+    cs.start_epoch(2)
+    assert cs.stats()["temperature"] == pytest.approx(100.0)
+    pilot = create_method("pilot", alpha=1e-3, p=0.5)
+    pilot.attach(_net(), steps_per_epoch=4, epochs=10)
+    assert [pilot.pilot.schedule(k) for k in (0, 3, 4, 8)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
+    spred = create_method("spred")
+    spred.attach(_net(), 1, 1)
+    assert spred.pilot.beta == 0.0
+
+
+def test_powerprop_keeps_the_function_at_init():
+    model = _net().eval()
+    x = torch.randn(3, 1, 6, 6)
+    y = model(x)
+    create_method("powerprop", a=3.0).attach(model, 1, 1)
+    torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+from mirrorprune.methods import create_method
+from mirrorprune.train import TrainConfig, train
+from test_methods import _net, _tiny_data
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _run(out, method="pilot", stop_at=None, **cfg):
+    method = create_method(method)
+    if stop_at is not None:
+        start = method.start_epoch
+
+        def start_epoch(epoch):
+            if epoch == stop_at:
+                raise _Interrupt
+            start(epoch)
+
+        method.start_epoch = start_epoch
+    model = _net()
+    log = train(model, method, _tiny_data(), _tiny_data(seed=1),
+                TrainConfig(epochs=4, batch_size=16, lr=0.05, **cfg), out, progress=False)
+    return model, log
+
+
+@pytest.mark.parametrize("method", ["pilot", "gmp", "cs"])
+def test_resume_after_interruption_is_bit_identical(tmp_path, method):
+    ref, ref_log = _run(tmp_path / "a", method)
+    with pytest.raises(_Interrupt):
+        _run(tmp_path / "b", method, stop_at=2)
+    assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+    model, log = _run(tmp_path / "b", method)
+    for (k, v), w in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(v, w), k
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa
+    assert drop(log) == drop(ref_log)
+    assert (tmp_path / "b" / "log.csv").read_text().count("\n") == 5
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["method"] == method
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    _run(tmp_path, "dense")
+    with pytest.raises(ValueError, match="another configuration.*'weight_decay'"):
+        _run(tmp_path, "dense", lr_schedule="cosine", weight_decay=0.0)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable.*never overwritten"):
+        _run(tmp_path, "dense")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite loss .* epoch 1, step 0 of l1"):
+        model = _net()
+        train(model, create_method("l1", lam=float("inf")), _tiny_data(), None,
+              TrainConfig(epochs=1, batch_size=16), progress=False)
+
+
+def test_lr_schedules():
+    c = TrainConfig(lr=1.0, lr_schedule="step", milestones=(0.5,), gamma=0.1, warmup_epochs=1)
+    assert c.lr_at(0, 100, 10) == pytest.approx(0.1)  # warm-up
+    assert c.lr_at(20, 100, 10) == 1.0 and c.lr_at(60, 100, 10) == pytest.approx(0.1)
+    cos = TrainConfig(lr=1.0)
+    assert cos.lr_at(0, 100, 10) == 1.0 and cos.lr_at(100, 100, 10) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear").validate()
