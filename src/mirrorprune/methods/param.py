@@ -133,7 +133,7 @@ class STR(_Parametrized):
     the weight decay: a larger s_init or decay gives sparser models."""
 
     name = "str"
-    defaults = {"s_init": -5.0}
+    defaults = {"s_init": -3.0}
     decay_own = True
 
     def make_param(self, weight):
