@@ -12,7 +12,7 @@ class _Interrupt(Exception):
     pass
 
 
-def _run(out, method="pilot", stop_at=None, **cfg):
+def _run(out, method="pilot", stop_at=None, resume=True, **cfg):
     method = create_method(method)
     if stop_at is not None:
         start = method.start_epoch
@@ -25,7 +25,8 @@ def _run(out, method="pilot", stop_at=None, **cfg):
         method.start_epoch = start_epoch
     model = _net()
     log = train(model, method, _tiny_data(), _tiny_data(seed=1),
-                TrainConfig(epochs=4, batch_size=16, lr=0.05, **cfg), out, progress=False)
+                TrainConfig(epochs=4, batch_size=16, lr=0.05, **cfg), out, resume=resume,
+                progress=False)
     return model, log
 
 
@@ -48,6 +49,8 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     _run(tmp_path, "dense")
     with pytest.raises(ValueError, match="another configuration.*'weight_decay'"):
         _run(tmp_path, "dense", lr_schedule="cosine", weight_decay=0.0)
+    with pytest.raises(ValueError, match="exists: resume it"):
+        _run(tmp_path, "dense", resume=False)
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="unreadable.*never overwritten"):
         _run(tmp_path, "dense")

@@ -78,7 +78,7 @@ def _oneshot(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as e:
         raise SystemExit(f"mirrorprune oneshot: {e}") from None
-    res = oneshot.run(cfg, args.out, progress=not args.quiet)
+    res = oneshot.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/: {', '.join(res['files'])} and runs/ ({res['seconds']:.0f} s)")
     return 0
@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--bn-recalibrate", action="store_true",
                    help="re-estimate BatchNorm statistics after pruning (off, as in the paper)")
     o.add_argument("--data-dir", default=None, help="where the dataset files are")
-    o.add_argument("--out", required=True, help="output folder (runs resume from it)")
+    o.add_argument("--out", required=True, help="output folder")
+    o.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs in --out and reuse finished ones")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.set_defaults(func=_oneshot)
     return p

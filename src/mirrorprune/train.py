@@ -80,16 +80,17 @@ def train(
     test_data: ImageData | None,
     cfg: TrainConfig,
     out_dir: str | Path | None = None,
-    resume: bool = True,
+    resume: bool = False,
     progress: bool = True,
     lr_scale: float = 1.0,
 ) -> list[dict]:
     """Train `model` with `method`; returns the per-epoch log.
 
-    With `out_dir`, writes log.jsonl, log.csv, config.json and checkpoint.pt there every epoch;
-    with resume=True an existing checkpoint of the same configuration is continued (a finished
-    one returns at once). Shuffling and augmentation depend only on (seed, epoch), so a resumed
-    run is bit-identical on CPU. `lr_scale` multiplies the learning rate (the paper's 0.2 for
+    With `out_dir`, writes log.jsonl, log.csv, config.json and checkpoint.pt there every epoch.
+    An existing checkpoint is continued with resume=True (if it has the same configuration; a
+    finished run returns at once) and refused otherwise, so nothing is overwritten silently.
+    Shuffling and augmentation depend only on (seed, epoch), so a resumed run is bit-identical
+    on CPU. `lr_scale` multiplies the learning rate (the paper's 0.2 for
     m ⊙ w is lr_scale=2 on lr 0.1).
     """
     cfg.validate()
@@ -106,7 +107,10 @@ def train(
     start = 0
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt_path.exists():
+        if ckpt_path.exists():
+            if not resume:
+                raise ValueError(f"{ckpt_path} exists: resume it (--resume / resume=True) or "
+                                 "choose another output folder")
             start, history = _resume(ckpt_path, config, model, opt, method)
         (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     step = start * steps_per_epoch

@@ -89,7 +89,7 @@ def _data(cfg: OneshotConfig, p: dict) -> tuple[ImageData, ImageData]:
 
 
 def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: ImageData,
-            out: Path, progress: bool) -> list[dict]:
+            out: Path, progress: bool, resume: bool = False) -> list[dict]:
     """Train one (method, seed) (or reuse its finished run) and evaluate the sparsity sweep."""
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tcfg = p["train"]
@@ -100,7 +100,7 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     model = create_model(cfg.model, 10, tr.shape)
     method = create_method(method_name, exclude=cfg.exclude, **cfg.hparams.get(method_name, {}))
     scale = p["lr_scale_mw"] if method.uses_mw else 1.0
-    history = train(model, method, tr, te, tcfg, rundir, resume=True, progress=progress,
+    history = train(model, method, tr, te, tcfg, rundir, resume=resume, progress=progress,
                     lr_scale=scale)
     sweep_file = rundir / "sweep.json"
     key = {"bn_recalibrate": cfg.bn_recalibrate, "test_size": len(te), "epochs": tcfg.epochs}
@@ -183,7 +183,10 @@ def plot(summary: list[dict], methods: tuple[str, ...], title: str, path: Path) 
     plt.close(fig)
 
 
-def run(cfg: OneshotConfig, out: str | Path, progress: bool = True) -> dict:
+def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool = False
+        ) -> dict:
+    """Train and sweep every (method, seed); with resume, existing runs are continued or reused
+    (their configuration must match), otherwise an existing run is an error."""
     cfg.validate()
     t0 = time.time()
     out = Path(out)
@@ -196,7 +199,7 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True) -> dict:
     rows = []
     for seed in range(cfg.seeds):
         for m in cfg.methods:
-            rows += run_one(cfg, m, seed, tr, te, out, progress)
+            rows += run_one(cfg, m, seed, tr, te, out, progress, resume)
     with open(out / "oneshot.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -73,13 +73,18 @@ class Method:
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
-        """‖x‖₁, exact zeros, and the |x| below which 90/95/99% of the weights lie (the magnitude
-        that pruning to that sparsity removes: small values mean pruning is nearly free)."""
+        """‖x‖₁, the fraction of exact zeros, and for pruning to 90/95/99%: the magnitude
+        threshold (q90, ...) and the fraction of ‖x‖₁ that pruning removes (mass90, ...). Small
+        values mean the model is already nearly that sparse."""
         flat = torch.cat([w.flatten().abs().float() for w in self.weights().values()])
-        out = {"l1": float(flat.sum()), "zeros": float((flat == 0).float().mean())}
+        l1 = float(flat.sum())
+        out = {"l1": l1, "zeros": float((flat == 0).float().mean())}
         srt = flat.sort().values
+        cum = srt.double().cumsum(0)
         for q in (90, 95, 99):
-            out[f"q{q}"] = float(srt[min(len(srt) - 1, math.ceil(q / 100 * len(srt)) - 1)])
+            k = max(1, min(len(srt), math.ceil(q / 100 * len(srt))))
+            out[f"q{q}"] = float(srt[k - 1])
+            out[f"mass{q}"] = float(cum[k - 1]) / l1 if l1 > 0 else 0.0
         return out
 
     def export(self) -> nn.Module:

@@ -1,0 +1,39 @@
+import csv
+
+import pytest
+
+from mirrorprune.cli import main
+from mirrorprune.experiments import oneshot
+
+pytest.importorskip("matplotlib")
+
+
+def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys):
+    args = ["oneshot", "--dataset", "digits", "--model", "lenet_300_100", "--methods",
+            "dense,pilot,gmp", "--seeds", "2", "--epochs", "2", "--hp", "gmp.target=0.5",
+            "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| pilot |" in out and "| 95% |" in out
+    rows = list(csv.DictReader(open(tmp_path / "oneshot.csv")))
+    assert len(rows) == 3 * 2 * len(set(oneshot.SWEEP) | set(oneshot.TABLE))
+    for r in rows:  # exact sparsity, except below GMP's own 50%
+        if r["method"] != "gmp" or float(r["sparsity"]) >= 0.5:
+            assert abs(float(r["actual_sparsity"]) - float(r["sparsity"])) < 1e-4
+    for f in ("oneshot.png", "oneshot.md", "config.json", "runs/pilot/seed1/log.jsonl",
+              "runs/pilot/seed1/sweep.json", "runs/gmp/seed0/checkpoint.pt"):
+        assert (tmp_path / f).exists(), f
+    with pytest.raises(ValueError, match="exists: resume it"):
+        main(args)
+    before = (tmp_path / "oneshot.csv").read_text()
+    assert main(args + ["--resume"]) == 0  # finished runs are reused, the results are the same
+    assert (tmp_path / "oneshot.csv").read_text() == before
+
+
+def test_oneshot_validation(tmp_path):
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["oneshot", "--methods", "dense,magic", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not run"):
+        main(["oneshot", "--methods", "dense", "--hp", "pilot.alpha=1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="METHOD.NAME=VALUE"):
+        main(["oneshot", "--hp", "alpha=1", "--out", str(tmp_path)])
