@@ -67,6 +67,15 @@ def magnitude_masks(
     return out
 
 
+def pruned_mass(tensors: Mapping[str, torch.Tensor], sparsity: float) -> float:
+    """Fraction of the total ‖x‖₁ that global pruning to `sparsity` would remove: ~0 when the
+    weights are already effectively that sparse."""
+    flat = torch.cat([t.detach().abs().flatten().double() for t in tensors.values()])
+    total = float(flat.sum())
+    k = round(check_sparsity(sparsity) * flat.numel())
+    return float(flat.sort().values[:k].sum()) / total if total > 0 else 0.0
+
+
 def _keep_mask(mag: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = round(sparsity * mag.numel())
     keep = torch.ones(mag.numel(), dtype=torch.bool, device=mag.device)

@@ -164,3 +164,63 @@ def as_schedule(schedule: Schedule | float | int) -> Schedule:
         "schedule must be a mirrorprune.schedules.Schedule (e.g. Geometric(alpha0=1e-3, p=0.95)) "
         f"or a number for a constant alpha, got {schedule!r}"
     )
+
+
+class TargetController(Schedule):
+    """α driven towards a target sparsity (SPEC §2.5; our reading of the ICLR paper's Algorithm 1,
+    whose comparison signs are not all recoverable), updated once per epoch by `observe`:
+
+    - first half of training (epoch < epochs / 2): α ← α·delta while the training accuracy stays
+      within `acc_tol` of its best so far and the model is not yet `target_sparsity`-sparse,
+      i.e. pruning it to the target would still remove more than `mass_tol` of ‖x‖₁;
+      otherwise α ← α / delta;
+    - second half: α ← α / delta every epoch, so α is turned off geometrically (A_∞ < ∞).
+
+    α stays in [0, alpha_max]. `alpha(k)` returns the current α for every step k of the epoch.
+    """
+
+    def __init__(self, alpha_init: float, target_sparsity: float, epochs: int,
+                 delta: float = 1.5, acc_tol: float = 0.01, mass_tol: float = 0.01,
+                 alpha_max: float = 0.1):
+        self.alpha_init = check_alpha(alpha_init, "alpha_init")
+        if not 0 < target_sparsity < 1:
+            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity!r}")
+        if not delta > 1:
+            raise ValueError(f"delta must be > 1, got {delta!r}")
+        self.target, self.epochs = float(target_sparsity), _check_count(epochs, "epochs", 1)
+        self.delta, self.acc_tol, self.mass_tol = float(delta), float(acc_tol), float(mass_tol)
+        self.alpha_max = check_alpha(alpha_max, "alpha_max")
+        self.current, self.best_acc, self.seen = self.alpha_init, -1.0, 0
+        self.history: list[dict[str, float]] = []
+
+    def alpha(self, k: int) -> float:
+        return self.current
+
+    def observe(self, epoch: int, train_acc: float, mass_at_target: float) -> float:
+        """Update α after `epoch` (0-based) from its training accuracy and the fraction of ‖x‖₁
+        that pruning to the target would remove; returns the new α."""
+        self.best_acc = max(self.best_acc, train_acc)
+        holds = train_acc >= self.best_acc - self.acc_tol
+        raise_ = epoch + 1 < self.epochs / 2 and holds and mass_at_target > self.mass_tol
+        self.current = min(self.alpha_max, self.current * self.delta if raise_
+                           else self.current / self.delta)
+        self.seen = epoch + 1
+        self.history.append({"epoch": epoch + 1, "train_acc": train_acc,
+                             "mass_at_target": mass_at_target, "alpha": self.current})
+        return self.current
+
+    def config(self) -> dict[str, Any]:
+        return {"alpha_init": self.alpha_init, "target_sparsity": self.target,
+                "epochs": self.epochs, "delta": self.delta, "acc_tol": self.acc_tol,
+                "mass_tol": self.mass_tol, "alpha_max": self.alpha_max}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "current": self.current, "best_acc": self.best_acc,
+                "seen": self.seen, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = super().state_dict()
+        if {k: state.get(k) for k in mine} != mine:
+            raise ValueError(f"controller state {state} does not match this controller {mine}")
+        self.current, self.best_acc = state["current"], state["best_acc"]
+        self.seen, self.history = state["seen"], list(state["history"])

@@ -148,6 +148,7 @@ def train(
                "train_acc": correct / seen,
                "test_acc": evaluate(model, test_data, cfg.eval_batch_size) if test_data else None,
                "seconds": time.time() - t0, **method.stats()}
+        method.end_epoch(epoch, row)
         history.append(row)
         if progress:
             tqdm.write(f"{method.name} epoch {row['epoch']}: loss {row['train_loss']:.4f} "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..prune import pruned_mass
 from ..reparam import Selector, select_modules
 
 
@@ -16,10 +17,10 @@ class Method:
     """Dense training (x = x) with ordinary weight decay; pruned by global magnitude afterwards.
 
     The training loop calls, in order: `attach(model, steps_per_epoch, epochs)` once, then per
-    epoch `start_epoch(epoch)`, and per step `loss + penalty()`, `backward()`,
-    `before_step(lr)`, `optimizer.step()`, `after_step()`. `export()` returns a plain copy of the
-    model after the method's own finalization (a hard mask, a collapsed m ⊙ w, ...), ready for
-    exact magnitude pruning of the same selection of weights.
+    epoch `start_epoch(epoch)`, per step `loss + penalty()`, `backward()`, `before_step(lr)`,
+    `optimizer.step()`, `after_step()`, and after evaluation `end_epoch(epoch, row)`.
+    `export()` returns a plain copy of the model after the method's own finalization (a hard
+    mask, a collapsed m ⊙ w, ...), ready for exact magnitude pruning of the same weights.
     """
 
     name = "dense"
@@ -55,6 +56,9 @@ class Method:
     def before_step(self, lr: float) -> None:
         pass
 
+    def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        """After evaluation, with the epoch's log row (train_acc, test_acc, ...)."""
+
     def after_step(self) -> None:
         self.step_count += 1
 
@@ -76,15 +80,13 @@ class Method:
         """‖x‖₁, the fraction of exact zeros, and for pruning to 90/95/99%: the magnitude
         threshold (q90, ...) and the fraction of ‖x‖₁ that pruning removes (mass90, ...). Small
         values mean the model is already nearly that sparse."""
-        flat = torch.cat([w.flatten().abs().float() for w in self.weights().values()])
-        l1 = float(flat.sum())
-        out = {"l1": l1, "zeros": float((flat == 0).float().mean())}
+        weights = self.weights()
+        flat = torch.cat([w.flatten().abs().float() for w in weights.values()])
+        out = {"l1": float(flat.sum()), "zeros": float((flat == 0).float().mean())}
         srt = flat.sort().values
-        cum = srt.double().cumsum(0)
         for q in (90, 95, 99):
-            k = max(1, min(len(srt), math.ceil(q / 100 * len(srt))))
-            out[f"q{q}"] = float(srt[k - 1])
-            out[f"mass{q}"] = float(cum[k - 1]) / l1 if l1 > 0 else 0.0
+            out[f"q{q}"] = float(srt[max(1, min(len(srt), math.ceil(q / 100 * len(srt)))) - 1])
+            out[f"mass{q}"] = pruned_mass(weights, q / 100)
         return out
 
     def export(self) -> nn.Module:

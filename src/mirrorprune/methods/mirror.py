@@ -8,6 +8,7 @@ import torch
 
 from .. import schedules as S
 from ..pilot import PILoT
+from ..prune import pruned_mass
 from .base import Method
 
 
@@ -15,16 +16,22 @@ class Pilot(Method):
     """PILoT: α_t(‖m‖² + ‖w‖²) on x = m ⊙ w with m0² − w0² = beta.
 
     schedule (k counted in epochs): "geometric" α·p^epoch with p = decay_to^(1/epochs) unless p is
-    given (paper: p = 0.95), "constant", "harmonic", "quadratic", or "half" (constant for the first
-    half of training, then off). m and w get no ordinary weight decay.
+    given (paper: p = 0.95), "constant", "harmonic", "quadratic", "half" (constant for the first
+    half of training, then off), or "target": `schedules.TargetController` started at α and aimed
+    at `target` sparsity. m and w get no ordinary weight decay.
     """
 
     name = "pilot"
     uses_mw = True
-    defaults = {"alpha": 1e-3, "schedule": "geometric", "p": None, "decay_to": 0.01, "beta": 1.0}
+    defaults = {"alpha": 1e-3, "schedule": "geometric", "p": None, "decay_to": 0.01, "beta": 1.0,
+                "target": None}
 
     def make_schedule(self) -> S.Schedule:
         a, kind = self.hp["alpha"], self.hp["schedule"]
+        if kind == "target":
+            if self.hp["target"] is None:
+                raise ValueError("schedule='target' needs the hyperparameter target (a sparsity)")
+            return S.TargetController(a, self.hp["target"], self.epochs)
         if kind == "geometric":
             p = self.hp["p"] or self.hp["decay_to"] ** (1 / max(1, self.epochs))
             per_epoch = S.Geometric(a, p)
@@ -35,7 +42,7 @@ class Pilot(Method):
                          "quadratic": S.Quadratic}[kind](a)
         else:
             raise ValueError(f"unknown PILoT schedule {kind!r}; choose geometric, constant, "
-                             "harmonic, quadratic or half")
+                             "harmonic, quadratic, half or target")
         return S.Every(per_epoch, self.steps_per_epoch)
 
     def attach(self, model, steps_per_epoch, epochs):
@@ -48,6 +55,11 @@ class Pilot(Method):
 
     def before_step(self, lr):
         self.pilot.step(lr=lr)
+
+    def end_epoch(self, epoch, row):
+        sched = self.pilot.schedule
+        if isinstance(sched, S.TargetController):
+            sched.observe(epoch, row["train_acc"], pruned_mass(self.weights(), sched.target))
 
     def weights(self):
         return {mw.name: mw.x() for mw in self.pilot.weights}
