@@ -36,3 +36,30 @@ def test_state_dict_round_trip_and_mismatch():
 def test_invalid(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_target_controller_on_a_scripted_trace():
+    c = S.TargetController(1e-3, target_sparsity=0.9, epochs=10, delta=2.0, acc_tol=0.01,
+                           mass_tol=0.01, alpha_max=5e-3)
+    trace = [  # (train_acc, mass_at_target) -> expected α after the epoch
+        (0.50, 0.30, 2e-3),   # accuracy holds, not yet sparse: raise
+        (0.60, 0.20, 4e-3),   # raise
+        (0.55, 0.20, 2e-3),   # accuracy dropped by more than acc_tol: lower
+        (0.60, 0.20, 4e-3),   # recovered: raise
+        (0.61, 0.001, 2e-3),  # already effectively 90% sparse: lower
+        (0.70, 0.50, 1e-3),   # second half (epoch 6 of 10): always lower
+        (0.70, 0.50, 5e-4),
+    ]
+    for epoch, (acc, mass, expected) in enumerate(trace):
+        assert c.observe(epoch, acc, mass) == pytest.approx(expected)
+        assert c(12345) == pytest.approx(expected)  # constant within the next epoch
+    capped = S.TargetController(1e-3, 0.9, 100, delta=10.0, alpha_max=5e-3)
+    assert capped.observe(0, 0.5, 0.5) == 5e-3
+    d = S.TargetController(1e-3, 0.9, 10, delta=2.0)
+    d.load_state_dict(c.state_dict() | {"delta": 2.0, "acc_tol": 0.01, "mass_tol": 0.01,
+                                        "alpha_max": 0.1})
+    assert d.current == c.current and len(d.history) == len(trace)
+    with pytest.raises(ValueError, match="does not match"):
+        S.TargetController(1e-3, 0.8, 10).load_state_dict(c.state_dict())
+    with pytest.raises(ValueError, match="target_sparsity"):
+        S.TargetController(1e-3, 1.0, 10)
