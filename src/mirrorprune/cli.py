@@ -84,6 +84,27 @@ def _oneshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iterative(args: argparse.Namespace) -> int:
+    from .experiments import iterative
+
+    cfg = iterative.IterativeConfig(
+        mode=args.mode, pilot=args.pilot, dataset=args.dataset, model=args.model,
+        cycles=args.cycles, keep=args.keep, rewind_epoch=args.rewind_epoch, epochs=args.epochs,
+        seeds=args.seeds, preset=args.preset, alpha=args.alpha, data_dir=args.data_dir)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"mirrorprune iterative: {e}") from None
+    res = iterative.run(cfg, args.out, progress=not args.quiet)
+    last = max(r["cycle"] for r in res["rows"])
+    accs = [r["accuracy"] for r in res["rows"] if r["cycle"] == last]
+    sp = [r["sparsity"] for r in res["rows"] if r["cycle"] == last]
+    print(f"{cfg.variant}: cycle {last}, sparsity {sum(sp) / len(sp):.2%}, test accuracy "
+          f"{100 * sum(accs) / len(accs):.2f}% (mean of {len(accs)} seed(s)); wrote "
+          f"{args.out}/iterative.csv, iterative.png ({res['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirrorprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -139,6 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue interrupted runs in --out and reuse finished ones")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.set_defaults(func=_oneshot)
+
+    it = sub.add_parser("iterative", help="IMP / LRR with or without PILoT (paper Fig. 3)")
+    it.add_argument("--mode", choices=("imp", "lrr"), required=True)
+    it.add_argument("--pilot", action="store_true", help="train m ⊙ w with PILoT every cycle")
+    it.add_argument("--dataset", choices=DATASETS, default="mnist")
+    it.add_argument("--model", choices=list(MODELS), default="lenet_300_100")
+    it.add_argument("--cycles", type=int, default=18, help="pruning cycles (default 18: 98.2%%)")
+    it.add_argument("--keep", type=float, default=0.8, help="fraction kept per cycle")
+    it.add_argument("--rewind-epoch", type=int, default=0,
+                    help="IMP: rewind to the end of this epoch of cycle 0 (0: initialization)")
+    it.add_argument("--epochs", type=int, default=8, help="epochs per cycle (default 8)")
+    it.add_argument("--seeds", type=int, default=1)
+    it.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
+    it.add_argument("--alpha", type=float, default=1e-4, help="PILoT alpha (default 1e-4)")
+    it.add_argument("--data-dir", default=None)
+    it.add_argument("--out", required=True, help="output folder; interrupted runs resume")
+    it.add_argument("--quiet", action="store_true")
+    it.set_defaults(func=_iterative)
     return p
 
 

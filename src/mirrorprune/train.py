@@ -97,6 +97,7 @@ def train(
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     method.attach(model, steps_per_epoch, cfg.epochs)
+    method.setup()
     opt = torch.optim.SGD(method.param_groups(cfg.weight_decay), lr=cfg.lr,
                           momentum=cfg.momentum)
     config = {**asdict(cfg), "method": method.name, "hparams": method.hp, "lr_scale": lr_scale,

@@ -37,12 +37,36 @@ class Method:
         self.include, self.exclude = include, exclude
         self.model: nn.Module | None = None
         self.step_count = 0
+        # For iterative pruning: fixed keep-masks by weight name (re-applied after every step),
+        # a state_dict loaded right after attach, and an epoch whose weights are kept (rewind).
+        self.masks: dict[str, torch.Tensor] | None = None
+        self.initial_state: dict[str, torch.Tensor] | None = None
+        self.snapshot_epoch: int | None = None
+        self.snapshot: dict[str, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- training hooks
 
     def attach(self, model: nn.Module, steps_per_epoch: int, epochs: int) -> None:
         self.model, self.steps_per_epoch, self.epochs = model, steps_per_epoch, epochs
         self.modules = select_modules(model, self.include, self.exclude)
+
+    def setup(self) -> None:
+        """Called by the training loop after `attach` and before the optimizer is built."""
+        if self.initial_state is not None:
+            self.model.load_state_dict(self.initial_state)
+        self.apply_masks()
+
+    def masked_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The trainable tensors behind each prunable weight, which a mask zeroes."""
+        return {f"{n}.weight" if n else "weight": [mod.weight] for n, mod in self.modules}
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        if self.masks is None:
+            return
+        for name, tensors in self.masked_tensors().items():
+            for t in tensors:
+                t.mul_(self.masks[name])
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "weight_decay": weight_decay}]
@@ -58,9 +82,12 @@ class Method:
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         """After evaluation, with the epoch's log row (train_acc, test_acc, ...)."""
+        if self.snapshot_epoch is not None and epoch + 1 == self.snapshot_epoch:
+            self.snapshot = copy.deepcopy(self.model.state_dict())
 
     def after_step(self) -> None:
         self.step_count += 1
+        self.apply_masks()
 
     # ---------------------------------------------------------------- results
 
@@ -93,10 +120,10 @@ class Method:
         return copy.deepcopy(self.model)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count}
+        return {"step_count": self.step_count, "snapshot": self.snapshot}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = state["step_count"]
+        self.step_count, self.snapshot = state["step_count"], state.get("snapshot")
 
 
 class L1(Method):

@@ -30,7 +30,7 @@ class GMP(Method):
 
     @torch.no_grad()
     def after_step(self):
-        super().after_step()
+        self.step_count += 1
         k = self.step_count
         end = self.hp["end"] * self.total + self.hp["every"]  # one update past the ramp's end
         in_ramp = self.hp["start"] * self.total <= k <= end
@@ -38,9 +38,7 @@ class GMP(Method):
             s = self.sparsity_at(k)
             if s > 0:
                 self.masks = magnitude_masks(self.weights(), s, self.hp["scope"])
-        if self.masks is not None:
-            for n, mod in self.modules:
-                mod.weight.mul_(self.masks[f"{n}.weight" if n else "weight"])
+        self.apply_masks()
 
     def stats(self):
         return {**super().stats(), "gmp_sparsity": self.sparsity_at(self.step_count)}

@@ -56,7 +56,12 @@ class Pilot(Method):
     def before_step(self, lr):
         self.pilot.step(lr=lr)
 
+    def masked_tensors(self):
+        # a pruned weight is the saddle m = w = 0: gradient and decay vanish there
+        return {mw.name: [mw.m, mw.w] for mw in self.pilot.weights}
+
     def end_epoch(self, epoch, row):
+        super().end_epoch(epoch, row)
         sched = self.pilot.schedule
         if isinstance(sched, S.TargetController):
             sched.observe(epoch, row["train_acc"], pruned_mass(self.weights(), sched.target))

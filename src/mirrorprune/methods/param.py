@@ -30,6 +30,9 @@ class _Parametrized(Method):
                 parametrize.register_parametrization(mod, "weight",
                                                      self.make_param(mod.weight.detach()))
 
+    def masked_tensors(self):
+        raise NotImplementedError(f"method {self.name!r} does not support fixed masks")
+
     def params(self) -> list[nn.Module]:
         return [mod.parametrizations.weight[0] for _, mod in self.modules]
 

@@ -1,0 +1,193 @@
+"""Iterative pruning (paper Fig. 3): IMP and LRR, each with x = x or with m ⊙ w + PILoT.
+
+Cycle 0 trains the full model; after every cycle the weights are pruned globally by magnitude
+to 1 − keep^(cycle+1) and the next cycle retrains with the learning-rate (and α) schedule
+restarted:
+- IMP rewinds the surviving weights to their values at initialization (rewind_epoch = 0) or at
+  the end of epoch `rewind_epoch` of cycle 0;
+- LRR keeps the trained surviving weights.
+With PILoT, how m and w are carried across a prune: a pruned weight becomes m = w = 0, the saddle
+where both the loss gradient (∂/∂m = g·w, ∂/∂w = g·m) and the decay 2α·(m, w) vanish, so it stays
+pruned (the masks are re-applied after every step anyway). IMP rewinds the surviving (m, w) to
+their stored values; LRR re-balances each survivor to m² − w² = β with m ⊙ w unchanged, i.e. it
+starts a fresh PILoT run from the trained weights (SPEC §2.2 allows pretrained x0).
+
+Layout: OUT/VARIANT/seedN/cycleNN/ holds each cycle's training run (checkpoint, logs) and
+OUT/VARIANT/seedN/state.pt the driver's state, both written atomically, so an interrupted run
+resumes at the cycle and epoch where it stopped. Every invocation rewrites OUT/iterative.csv and
+OUT/iterative.png from all variants present in OUT.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..ci import mean_ci
+from ..data import load
+from ..methods import Method, Pilot
+from ..models import create_model
+from ..provenance import provenance
+from ..prune import prune, sparsity_report
+from ..train import TrainConfig, _atomic_save, train
+from .oneshot import preset as oneshot_preset
+
+
+@dataclass
+class IterativeConfig:
+    mode: str = "imp"  # "imp" or "lrr"
+    pilot: bool = False
+    dataset: str = "mnist"
+    model: str = "lenet_300_100"
+    cycles: int = 18  # 0.8^18 = 1.8% of the weights left (98.2% sparse)
+    keep: float = 0.8
+    rewind_epoch: int = 0
+    epochs: int = 8  # per cycle
+    seeds: int = 1
+    preset: str = "cpu"
+    alpha: float = 1e-4  # PILoT's α (paper: 1e-4), geometric decay to 1% within each cycle
+    beta: float = 1.0
+    data_dir: str | None = None
+
+    @property
+    def variant(self) -> str:
+        return self.mode + ("+pilot" if self.pilot else "")
+
+    def validate(self) -> None:
+        if self.mode not in ("imp", "lrr"):
+            raise ValueError(f"mode must be imp or lrr, got {self.mode!r}")
+        if not 0 < self.keep < 1 or self.cycles < 1 or self.epochs < 1 or self.seeds < 1:
+            raise ValueError("need 0 < keep < 1 and cycles, epochs, seeds >= 1")
+        if not 0 <= self.rewind_epoch <= self.epochs:
+            raise ValueError(f"rewind_epoch must be in [0, epochs={self.epochs}]")
+        if self.mode == "lrr" and self.rewind_epoch:
+            raise ValueError("rewind_epoch applies to IMP only (LRR keeps the trained weights)")
+
+
+def _method(cfg: IterativeConfig) -> Method:
+    return Pilot(alpha=cfg.alpha, beta=cfg.beta) if cfg.pilot else Method()
+
+
+def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list[dict]:
+    p = oneshot_preset(cfg.preset, cfg.dataset, cfg.model)
+    tr, te = load(cfg.dataset, "train", cfg.data_dir), load(cfg.dataset, "test", cfg.data_dir)
+    if p["train_subset"]:
+        tr = tr.subset(p["train_subset"])
+    if p["test_subset"]:
+        te = te.subset(p["test_subset"])
+    tcfg = TrainConfig(**{**asdict(p["train"]), "epochs": cfg.epochs, "seed": seed})
+    scale = p["lr_scale_mw"] if cfg.pilot else 1.0
+    sdir = out / cfg.variant / f"seed{seed}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    state_path = sdir / "state.pt"
+    torch.manual_seed(seed)
+    init = create_model(cfg.model, 10, tr.shape).state_dict()
+    state = {"config": asdict(cfg), "done": 0, "rows": [], "masks": None,
+             "start": copy.deepcopy(init), "start_wrapped": None, "rewind": None}
+    if state_path.exists():
+        saved = torch.load(state_path, weights_only=False)
+        if saved["config"] != state["config"]:
+            raise ValueError(f"{state_path} belongs to another configuration; use another --out")
+        state = saved
+    for cycle in range(state["done"], cfg.cycles + 1):
+        torch.manual_seed(seed)
+        model = create_model(cfg.model, 10, tr.shape)
+        model.load_state_dict(state["start"])
+        method = _method(cfg)
+        method.masks = state["masks"]
+        method.initial_state = state["start_wrapped"]
+        if cycle == 0 and cfg.mode == "imp" and cfg.rewind_epoch:
+            method.snapshot_epoch = cfg.rewind_epoch
+        history = train(model, method, tr, te, tcfg, sdir / f"cycle{cycle:02d}", resume=True,
+                        progress=progress, lr_scale=scale)
+        plain = method.export()
+        state["rows"].append({"variant": cfg.variant, "seed": seed, "cycle": cycle,
+                              "sparsity": sparsity_report(plain).sparsity,
+                              "accuracy": history[-1]["test_acc"]})
+        if cycle < cfg.cycles:
+            pruned = prune(plain, 1 - cfg.keep ** (cycle + 1))
+            state["masks"] = {n: p != 0 for n, p in _prunable(pruned).items()}
+            if cfg.mode == "lrr":  # PILoT re-wraps x, i.e. re-balances m² − w² = β
+                state["start"], state["start_wrapped"] = pruned.state_dict(), None
+            else:
+                if cycle == 0:  # the rewind point: None (init) or the end of rewind_epoch
+                    state["rewind"] = method.snapshot
+                if cfg.pilot:  # wrapping init gives (m0, w0) again; a snapshot holds (m, w)
+                    state["start"], state["start_wrapped"] = init, state["rewind"]
+                else:
+                    state["start"], state["start_wrapped"] = state["rewind"] or init, None
+        state["done"] = cycle + 1
+        _atomic_save(state, state_path)
+    return state["rows"]
+
+
+def _prunable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from ..reparam import select_modules
+
+    return {f"{n}.weight": m.weight.detach() for n, m in select_modules(model)}
+
+
+def collect(out: Path) -> list[dict]:
+    """All rows of every variant and seed found in OUT."""
+    rows = []
+    for state_path in sorted(out.glob("*/seed*/state.pt")):
+        rows += torch.load(state_path, weights_only=False)["rows"]
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in sorted({r["variant"] for r in rows}):
+        cycles = sorted({r["cycle"] for r in rows if r["variant"] == variant})
+        xs, ys, hs = [], [], []
+        for c in cycles:
+            sel = [r for r in rows if r["variant"] == variant and r["cycle"] == c]
+            m, h = mean_ci([r["accuracy"] for r in sel])
+            xs.append(-math.log10(1 - sum(r["sparsity"] for r in sel) / len(sel) + 1e-12))
+            ys.append(100 * m)
+            hs.append(0 if math.isnan(h) else 100 * h)
+        line, = ax.plot(xs, ys, marker=".", label=variant)
+        ax.fill_between(xs, [y - h for y, h in zip(ys, hs)], [y + h for y, h in zip(ys, hs)],
+                        color=line.get_color(), alpha=0.2)
+    ticks = [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
+    ax.set_xticks([-math.log10(1 - t + 1e-12) for t in ticks], [f"{t:.0%}" for t in ticks])
+    ax.set(xlabel="sparsity after each cycle", ylabel="test accuracy (%), mean ± 95% CI",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: IterativeConfig, out: str | Path, progress: bool = True) -> dict:
+    cfg.validate()
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"config-{cfg.variant}.json").write_text(
+        json.dumps({"iterative": asdict(cfg), "provenance": provenance()}, indent=1))
+    for seed in range(cfg.seeds):
+        run_seed(cfg, seed, out, progress)
+    rows = collect(out)
+    with open(out / "iterative.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, out / "iterative.png", f"{cfg.dataset} {cfg.model}: iterative pruning, keep "
+         f"{cfg.keep:g} per cycle, {cfg.epochs} epochs per cycle")
+    mine = [r for r in rows if r["variant"] == cfg.variant]
+    return {"rows": mine, "seconds": time.time() - t0}
