@@ -105,6 +105,28 @@ def _iterative(args: argparse.Namespace) -> int:
     return 0
 
 
+def _targets(args: argparse.Namespace) -> int:
+    from .experiments import targets
+
+    try:
+        sparsities = tuple(float(s) for s in args.sparsities.split(","))
+    except ValueError:
+        raise SystemExit(f"--sparsities expects numbers like 0.8,0.9, got {args.sparsities!r}"
+                         ) from None
+    cfg = targets.TargetsConfig(
+        dataset=args.dataset, model=args.model, methods=tuple(args.methods.split(",")),
+        sparsities=sparsities, seeds=args.seeds, preset=args.preset,
+        hparams=_parse_hparams(args.hp), epochs=args.epochs, data_dir=args.data_dir)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"mirrorprune targets: {e}") from None
+    res = targets.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
+    print(res["table"])
+    print(f"wrote {args.out}/targets.csv, targets.md, config.json ({res['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirrorprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -178,6 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--out", required=True, help="output folder; interrupted runs resume")
     it.add_argument("--quiet", action="store_true")
     it.set_defaults(func=_iterative)
+
+    t = sub.add_parser("targets", help="train each method aimed at fixed target sparsities")
+    t.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
+    t.add_argument("--methods", default="pilot,spred,str,gmp")
+    t.add_argument("--dataset", choices=DATASETS, default="mnist")
+    t.add_argument("--model", choices=list(MODELS), default="lenet_300_100")
+    t.add_argument("--seeds", type=int, default=3)
+    t.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
+    t.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    t.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="override a method's hyperparameter for every target")
+    t.add_argument("--data-dir", default=None)
+    t.add_argument("--out", required=True)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_targets)
     return p
 
 

@@ -89,8 +89,11 @@ def _data(cfg: OneshotConfig, p: dict) -> tuple[ImageData, ImageData]:
 
 
 def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: ImageData,
-            out: Path, progress: bool, resume: bool = False) -> list[dict]:
-    """Train one (method, seed) (or reuse its finished run) and evaluate the sparsity sweep."""
+            out: Path, progress: bool, resume: bool = False,
+            sparsities: tuple[float, ...] | None = None) -> list[dict]:
+    """Train one (method, seed) (or reuse its finished run) and evaluate it at `sparsities`
+    (default: the sweep 1 − 0.8^k and the table's 80/90/95/98/99%)."""
+    levels = sorted(set(sparsities) if sparsities else set(SWEEP) | set(TABLE))
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tcfg = p["train"]
     tcfg = TrainConfig(**{**asdict(tcfg), "seed": seed,
@@ -103,14 +106,15 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     history = train(model, method, tr, te, tcfg, rundir, resume=resume, progress=progress,
                     lr_scale=scale)
     sweep_file = rundir / "sweep.json"
-    key = {"bn_recalibrate": cfg.bn_recalibrate, "test_size": len(te), "epochs": tcfg.epochs}
+    key = {"bn_recalibrate": cfg.bn_recalibrate, "test_size": len(te), "epochs": tcfg.epochs,
+           "levels": levels}
     if sweep_file.exists():
         cached = json.loads(sweep_file.read_text())
         if cached.get("key") == key:
             return cached["rows"]
     plain = method.export()
     rows = []
-    for s in sorted(set(SWEEP) | set(TABLE)):
+    for s in levels:
         pruned = prune(plain, s, exclude=cfg.exclude)
         if cfg.bn_recalibrate:
             recalibrate_bn(pruned, tr)

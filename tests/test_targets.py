@@ -1,0 +1,27 @@
+import csv
+
+import pytest
+
+from mirrorprune.cli import main
+from mirrorprune.experiments import targets
+
+
+def test_targets_exports_exactly_each_target(tmp_path, capsys):
+    assert main(["targets", "--dataset", "digits", "--sparsities", "0.9", "--methods",
+                 "pilot,gmp", "--seeds", "2", "--epochs", "2", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    assert "| pilot |" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "targets.csv")))
+    assert len(rows) == 4
+    assert all(abs(float(r["actual_sparsity"]) - 0.9) < 1e-4 for r in rows)
+    assert (tmp_path / "targets.md").read_text().count("±") == 2
+
+
+def test_aim_and_validation(tmp_path):
+    assert targets.aim("gmp", 0.95) == {"target": 0.95}
+    assert targets.aim("pilot", 0.9)["schedule"] == "target"
+    assert targets.aim("str", 0.97)["s_init"] == targets.STR_S_INIT[0.98]
+    with pytest.raises(SystemExit, match="sparsities"):
+        main(["targets", "--sparsities", "0.9,1.0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="expects numbers"):
+        main(["targets", "--sparsities", "high", "--out", str(tmp_path)])
