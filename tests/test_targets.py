@@ -14,7 +14,7 @@ def test_targets_exports_exactly_each_target(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "targets.csv")))
     assert len(rows) == 4
     assert all(abs(float(r["actual_sparsity"]) - 0.9) < 1e-4 for r in rows)
-    assert (tmp_path / "targets.md").read_text().count("±") == 2
+    assert (tmp_path / "targets.md").read_text().count(" ± ") == 3  # header + 2 cells
 
 
 def test_aim_and_validation(tmp_path):
