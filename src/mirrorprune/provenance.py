@@ -12,12 +12,14 @@ import torch
 
 
 def git_commit() -> str | None:
-    """The commit of the source checkout (with '+dirty' if it has changes), or None."""
+    """The commit of the source checkout, '+dirty' if the package source or pyproject.toml has
+    uncommitted changes (result files do not count), or None outside a git checkout."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/src", ":/pyproject.toml"],
                                cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
