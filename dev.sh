@@ -25,7 +25,7 @@ fi
 # Reinstall the package only when its metadata changed (the source is an editable install).
 stamp=$venv/.mirrorprune-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$py" -m pip install -q -e ".[data,plots,dev]"
+  "$py" -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
 
