@@ -35,10 +35,7 @@ def _diag(args: argparse.Namespace) -> int:
     cfg = diag.DiagConfig(n=args.n, d=args.d, k=args.k, inits=args.inits, seed=args.seed,
                           steps=args.steps, lr=args.lr, sgd_batch=args.sgd_batch,
                           l1_step=args.l1_step, records=args.records)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"mirrorprune diag: {e}") from None
+    _validate(cfg, "diag")
     result = diag.run(cfg, args.out, progress=not args.quiet)
     for meth, best in result["methods"].items():
         print(f"{meth:<12} best {best['best_schedule']:<12} final ‖x − x*‖ = "
@@ -46,6 +43,14 @@ def _diag(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/results.json, trajectories.csv, {', '.join(result['figures'])}")
     print(json.dumps(diag.headline(result)))
     return 0
+
+
+def _validate(cfg, command: str) -> None:
+    """Bad options end the command with one clear line instead of a traceback."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"mirrorprune {command}: {e}") from None
 
 
 def _parse_hparams(items: list[str]) -> dict[str, dict]:
@@ -74,10 +79,7 @@ def _oneshot(args: argparse.Namespace) -> int:
         seeds=args.seeds, preset=args.preset, hparams=_parse_hparams(args.hp),
         epochs=args.epochs, exclude=tuple(args.exclude), bn_recalibrate=args.bn_recalibrate,
         data_dir=args.data_dir)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"mirrorprune oneshot: {e}") from None
+    _validate(cfg, "oneshot")
     res = oneshot.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/: {', '.join(res['files'])} and runs/ ({res['seconds']:.0f} s)")
@@ -91,10 +93,7 @@ def _iterative(args: argparse.Namespace) -> int:
         mode=args.mode, pilot=args.pilot, dataset=args.dataset, model=args.model,
         cycles=args.cycles, keep=args.keep, rewind_epoch=args.rewind_epoch, epochs=args.epochs,
         seeds=args.seeds, preset=args.preset, alpha=args.alpha, data_dir=args.data_dir)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"mirrorprune iterative: {e}") from None
+    _validate(cfg, "iterative")
     res = iterative.run(cfg, args.out, progress=not args.quiet)
     last = max(r["cycle"] for r in res["rows"])
     accs = [r["accuracy"] for r in res["rows"] if r["cycle"] == last]
@@ -117,10 +116,7 @@ def _targets(args: argparse.Namespace) -> int:
         dataset=args.dataset, model=args.model, methods=tuple(args.methods.split(",")),
         sparsities=sparsities, seeds=args.seeds, preset=args.preset,
         hparams=_parse_hparams(args.hp), epochs=args.epochs, data_dir=args.data_dir)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"mirrorprune targets: {e}") from None
+    _validate(cfg, "targets")
     res = targets.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/targets.csv, targets.md, config.json ({res['seconds']:.0f} s)")
