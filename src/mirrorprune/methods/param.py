@@ -17,6 +17,8 @@ class _Parametrized(Method):
     """Registers `make_param(weight)` on every selected weight; export collapses it with
     `final(param, original)`, the method's own end-of-training weight."""
 
+    decay_own = False  # whether the parametrization's own parameters get weight decay
+
     def make_param(self, weight: torch.Tensor) -> nn.Module:
         raise NotImplementedError
 
@@ -43,8 +45,6 @@ class _Parametrized(Method):
         return [{"params": rest, "weight_decay": weight_decay},
                 {"params": [p for q in self.params() for p in q.parameters()],
                  "weight_decay": weight_decay if self.decay_own else 0.0}]
-
-    decay_own = False
 
     @torch.no_grad()
     def export(self) -> nn.Module:
