@@ -124,7 +124,10 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="mirrorprune", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mirrorprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("demo", help="dense vs PILoT MLP on bundled digits, pruned to 90-98%%")
     d.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
