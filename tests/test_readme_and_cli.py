@@ -33,3 +33,10 @@ def test_cli_demo_smoke(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "pilot" in out and "dense" in out and "total" in out
     assert (tmp_path / "d.json").stat().st_size > 0
+
+
+def test_doctor_reports_datasets(capsys, tmp_path):
+    assert main(["doctor", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "threads" in out
+    assert "cifar10        NOT AVAILABLE" in out and "digits         found" in out

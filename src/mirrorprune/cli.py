@@ -123,6 +123,31 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    import torch
+
+    from . import __version__, data
+    from .provenance import git_commit
+
+    print(f"mirrorprune {__version__} (commit {git_commit() or 'unknown'}), Python "
+          f"{platform.python_version()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CUDA: {torch.cuda.is_available() and torch.cuda.get_device_name(0) or 'no GPU'}")
+    print(f"data search path: {', '.join(str(d) for d in data.search_dirs(args.data_dir))}")
+    for name in data.DATASETS:
+        try:
+            d = data.load(name, "test", args.data_dir)
+            print(f"  {name:<14} found ({len(d)} test images, shape {tuple(d.shape)})")
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            print(f"  {name:<14} NOT AVAILABLE: {e}")
+    cache = os.environ.get("MIRRORPRUNE_CACHE", "~/.cache/mirrorprune")
+    print(f"decoded-data cache: {cache}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -215,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_targets)
+
+    dr = sub.add_parser("doctor", help="report the torch build, threads, GPU and which datasets "
+                        "are found")
+    dr.add_argument("--data-dir", default=None)
+    dr.set_defaults(func=_doctor)
     return p
 
 
