@@ -84,9 +84,10 @@ def _keep_mask(mag: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
-def _unique_weights(
-    model: nn.Module, include: Selector, exclude: Selector
+def unique_weights(
+    model: nn.Module, include: Selector = None, exclude: Selector = ()
 ) -> dict[str, nn.Parameter]:
+    """The selected prunable weights of a plain model by qualified name, tied ones once."""
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for n, mod in select_modules(model, include, exclude):
@@ -120,7 +121,7 @@ def prune(
     if find_mirror_weights(model):
         raise ValueError("model is reparametrized as m ⊙ w: use finalize() (or PILoT.finalize())")
     model = model if inplace else copy.deepcopy(model)
-    _apply_masks(_unique_weights(model, include, exclude), sparsity, scope)
+    _apply_masks(unique_weights(model, include, exclude), sparsity, scope)
     return model
 
 
@@ -221,7 +222,7 @@ def sparsity_report(
     if mirror:
         tensors = {mw.name: mw.x() for mw in mirror}
     else:
-        tensors = {n: p.detach() for n, p in _unique_weights(model, include, exclude).items()}
+        tensors = {n: p.detach() for n, p in unique_weights(model, include, exclude).items()}
     return SparsityReport([
         LayerSparsity(n, tuple(t.shape), t.numel(), int((t == 0).sum())) for n, t in tensors.items()
     ])

@@ -34,7 +34,7 @@ from ..data import load
 from ..methods import Method, Pilot
 from ..models import create_model
 from ..provenance import provenance
-from ..prune import prune, sparsity_report
+from ..prune import prune, sparsity_report, unique_weights
 from ..train import TrainConfig, _atomic_save, train
 from .oneshot import preset as oneshot_preset
 
@@ -112,7 +112,7 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list
                               "accuracy": history[-1]["test_acc"]})
         if cycle < cfg.cycles:
             pruned = prune(plain, 1 - cfg.keep ** (cycle + 1))
-            state["masks"] = {n: p != 0 for n, p in _prunable(pruned).items()}
+            state["masks"] = {n: p.detach() != 0 for n, p in unique_weights(pruned).items()}
             if cfg.mode == "lrr":  # PILoT re-wraps x, i.e. re-balances m² − w² = β
                 state["start"], state["start_wrapped"] = pruned.state_dict(), None
             else:
@@ -125,12 +125,6 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list
         state["done"] = cycle + 1
         _atomic_save(state, state_path)
     return state["rows"]
-
-
-def _prunable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from ..reparam import select_modules
-
-    return {f"{n}.weight": m.weight.detach() for n, m in select_modules(model)}
 
 
 def collect(out: Path) -> list[dict]:
