@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from ..ci import mean_ci
-from ..data import load
 from ..methods import Method, Pilot
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report, unique_weights
 from ..train import TrainConfig, _atomic_save, train
+from .oneshot import load_data
 from .oneshot import preset as oneshot_preset
 
 
@@ -76,11 +76,7 @@ def _method(cfg: IterativeConfig) -> Method:
 
 def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list[dict]:
     p = oneshot_preset(cfg.preset, cfg.dataset, cfg.model)
-    tr, te = load(cfg.dataset, "train", cfg.data_dir), load(cfg.dataset, "test", cfg.data_dir)
-    if p["train_subset"]:
-        tr = tr.subset(p["train_subset"])
-    if p["test_subset"]:
-        te = te.subset(p["test_subset"])
+    tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     tcfg = TrainConfig(**{**asdict(p["train"]), "epochs": cfg.epochs, "seed": seed})
     scale = p["lr_scale_mw"] if cfg.pilot else 1.0
     sdir = out / cfg.variant / f"seed{seed}"
@@ -88,11 +84,13 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list
     state_path = sdir / "state.pt"
     torch.manual_seed(seed)
     init = create_model(cfg.model, 10, tr.shape).state_dict()
-    state = {"config": asdict(cfg), "done": 0, "rows": [], "masks": None,
+    # the seed count is not part of a seed's run: more seeds can be added to a finished one
+    mine = {k: v for k, v in asdict(cfg).items() if k != "seeds"}
+    state = {"config": mine, "done": 0, "rows": [], "masks": None,
              "start": copy.deepcopy(init), "start_wrapped": None, "rewind": None}
     if state_path.exists():
         saved = torch.load(state_path, weights_only=False)
-        if saved["config"] != state["config"]:
+        if {k: v for k, v in saved["config"].items() if k != "seeds"} != mine:
             raise ValueError(f"{state_path} belongs to another configuration; use another --out")
         state = saved
     for cycle in range(state["done"], cfg.cycles + 1):

@@ -78,9 +78,11 @@ class OneshotConfig:
         preset(self.preset, self.dataset, self.model)
 
 
-def _data(cfg: OneshotConfig, p: dict) -> tuple[ImageData, ImageData]:
-    tr = load(cfg.dataset, "train", cfg.data_dir)
-    te = load(cfg.dataset, "test", cfg.data_dir)
+def load_data(dataset: str, p: dict, data_dir: str | None = None
+              ) -> tuple[ImageData, ImageData]:
+    """The (train, test) data of `dataset`, cut to the preset `p`'s subsets."""
+    tr = load(dataset, "train", data_dir)
+    te = load(dataset, "test", data_dir)
     if p["train_subset"]:
         tr = tr.subset(p["train_subset"])
     if p["test_subset"]:
@@ -196,7 +198,7 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
-    tr, te = _data(cfg, p)
+    tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     resolved = {"oneshot": asdict(cfg), "preset": {**p, "train": asdict(p["train"])},
                 "train_size": len(tr), "test_size": len(te), "provenance": provenance()}
     (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
