@@ -11,18 +11,23 @@ from .prune import (
     sparsity_report,
 )
 from .reparam import DEFAULT_TYPES, mirror_init
+from .sparse import SparseLinear, export_sparse, load_sparse, save_sparse
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TYPES",
     "PILoT",
+    "SparseLinear",
     "SparsityReport",
+    "export_sparse",
     "finalize",
     "is_wrapped",
+    "load_sparse",
     "magnitude_masks",
     "mirror_init",
     "prune",
+    "save_sparse",
     "schedules",
     "sparsity_report",
     "theory",

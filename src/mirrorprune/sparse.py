@@ -1,0 +1,148 @@
+"""Sparse export that pays off: Linear layers computing with a CSR weight, and compressed
+checkpoints (bitmask + non-zero values) that round-trip exactly.
+
+Which layers become sparse is a measured rule: on CPU a CSR matrix product beats the dense one
+only once the weight is sparse enough (benchmarks/inference.py; below `MIN_SPARSITY` the dense
+kernel wins or ties at every batch size we measured), and convolutions stay dense because
+PyTorch has no sparse convolution kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .reparam import find_mirror_weights
+
+# Measured on 2 CPU cores (benchmarks/results/inference): CSR pays from about this sparsity on.
+MIN_SPARSITY = 0.8
+FORMAT = "mirrorprune-sparse-v1"
+
+
+class SparseLinear(nn.Module):
+    """y = x Wᵀ + b with W held as a CSR tensor (the same outputs as the nn.Linear it replaces,
+    up to float summation order)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"SparseLinear needs a 2-d weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        with warnings.catch_warnings():  # "CSR support is in beta": it is what we rely on
+            warnings.simplefilter("ignore", UserWarning)
+            csr = weight.detach().to_sparse_csr()
+        self.register_buffer("weight", csr)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> SparseLinear:
+        return cls(layer.weight, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        # (W @ xᵀ)ᵀ: torch's CSR kernels take the sparse operand on the left
+        y = torch.sparse.mm(self.weight, flat.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        nnz = self.weight.values().numel()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, "
+                f"sparsity={1 - nnz / (self.in_features * self.out_features):.3f}")
+
+
+def export_sparse(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
+                  inplace: bool = False) -> nn.Module:
+    """A copy of a plain (finalized) model in which every nn.Linear with at least `min_sparsity`
+    exact zeros computes with a CSR weight (`SparseLinear`); other layers are left as they are.
+    For inference: the sparse layers hold buffers, not trainable parameters."""
+    if not 0 <= min_sparsity <= 1:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    if find_mirror_weights(model):
+        raise ValueError("export_sparse needs a plain model; call finalize() (or "
+                         "pilot.finalize(sparsity)) first to get one")
+    out = model if inplace else copy.deepcopy(model)
+    for mod in list(out.modules()):
+        for child_name, child in list(mod.named_children()):
+            # exactly nn.Linear: subclasses (e.g. MultiheadAttention's out_proj) are read
+            # through .weight by their owner and must stay dense
+            if type(child) is nn.Linear and \
+                    (child.weight == 0).float().mean().item() >= min_sparsity:
+                setattr(mod, child_name, SparseLinear.from_linear(child))
+    return out
+
+
+# ---------------------------------------------------------------- compressed checkpoints
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 bitmask (8 entries per byte, most significant bit first)."""
+    flat = mask.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-len(flat) % 8)]).view(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    return ((bits.unsqueeze(1) >> shifts) & 1).flatten()[:n].bool()
+
+
+def _encode(t: torch.Tensor) -> dict | torch.Tensor:
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if not t.is_floating_point() or t.numel() < 64:
+        return t.clone()
+    mask = t != 0
+    nnz = int(mask.sum())
+    # the bitmask costs numel/8 bytes: store dense when that saves nothing
+    if nnz * t.element_size() + t.numel() / 8 >= t.numel() * t.element_size():
+        return t.clone()
+    return {"shape": tuple(t.shape), "dtype": t.dtype, "bitmask": _pack(mask.cpu()),
+            "values": t[mask].cpu().clone()}
+
+
+def _decode(e: dict | torch.Tensor) -> torch.Tensor:
+    if isinstance(e, torch.Tensor):
+        return e
+    n = 1
+    for s in e["shape"]:
+        n *= s
+    out = torch.zeros(n, dtype=e["dtype"])
+    out[_unpack(e["bitmask"], n)] = e["values"]
+    return out.view(e["shape"])
+
+
+def save_sparse(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> int:
+    """Write the state dict of `model` (or a state dict) with every sufficiently sparse float
+    tensor stored as a bitmask and its non-zero values; returns the file size in bytes.
+    The write is atomic (temporary file, then rename)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    if isinstance(model, nn.Module) and find_mirror_weights(model):
+        raise ValueError("save_sparse needs a plain model; call finalize() first")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "tensors": {k: _encode(v) for k, v in state.items()}}, tmp)
+    tmp.replace(path)
+    return path.stat().st_size
+
+
+def load_sparse(path: str | os.PathLike, model: nn.Module | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Read a `save_sparse` file; returns the dense state dict and, given `model`, loads it
+    (strictly) into the model too."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a mirrorprune sparse checkpoint (written by "
+                         "mirrorprune.save_sparse); load a plain one with torch.load")
+    state = {k: _decode(v) for k, v in blob["tensors"].items()}
+    if model is not None:
+        model.load_state_dict(state)
+    return state

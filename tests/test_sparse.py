@@ -1,0 +1,63 @@
+import pytest
+import torch
+from torch import nn
+
+import mirrorprune as mp
+from mirrorprune.models import lenet_300_100, small_cnn
+
+
+def _sparse_lenet(sparsity=0.95, seed=0):
+    torch.manual_seed(seed)
+    return mp.prune(lenet_300_100(10, 784), sparsity, scope="layer")
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_export_sparse_same_outputs(batch):
+    model = _sparse_lenet().eval()
+    sparse = mp.export_sparse(model)
+    assert sum(isinstance(m, mp.SparseLinear) for m in sparse.modules()) == 3
+    assert not any(isinstance(m, mp.SparseLinear) for m in model.modules())  # a copy
+    x = torch.randn(batch, 1, 28, 28)
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+    assert "sparsity=0.950" in repr(sparse)
+
+
+def test_export_sparse_keeps_dense_layers_and_refuses_wrapped():
+    model = _sparse_lenet(0.5)
+    assert not any(isinstance(m, mp.SparseLinear) for m in mp.export_sparse(model).modules())
+    assert all(isinstance(m, mp.SparseLinear) for m in mp.export_sparse(model, 0.4).modules()
+               if isinstance(m, (nn.Linear, mp.SparseLinear)))
+    cnn = mp.prune(small_cnn(10, 1), 0.95)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(mp.export_sparse(cnn).eval()(x), cnn.eval()(x),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="plain model"):
+        mp.export_sparse(mp.PILoT(lenet_300_100(), 1e-4).model)
+    with pytest.raises(ValueError, match="min_sparsity"):
+        mp.export_sparse(model, 1.5)
+
+
+def test_transformer_block_stays_correct():
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    block = mp.prune(block, 0.9, scope="layer").eval()
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(mp.export_sparse(block)(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_sparse_round_trip_is_exact_and_small(tmp_path):
+    model = _sparse_lenet(0.95)
+    size = mp.save_sparse(model, tmp_path / "m.pt")
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    assert size < 0.15 * (tmp_path / "dense.pt").stat().st_size
+    fresh = lenet_300_100(10, 784)
+    state = mp.load_sparse(tmp_path / "m.pt", fresh)
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v) and torch.equal(fresh.state_dict()[k], v)
+    # an exported (CSR) model saves to the same tensors
+    mp.save_sparse(mp.export_sparse(model), tmp_path / "csr.pt")
+    csr = mp.load_sparse(tmp_path / "csr.pt")
+    assert all(torch.equal(csr[k], v) for k, v in model.state_dict().items())
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a mirrorprune sparse checkpoint"):
+        mp.load_sparse(tmp_path / "other.pt")
