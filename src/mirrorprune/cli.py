@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -250,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func in (_oneshot, _targets, _iterative):
+        from .train import init_distributed
+
+        if init_distributed()[0] != 0:  # a no-op unless launched by torchrun
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - only rank 0 reports
     return args.func(args)
 
 

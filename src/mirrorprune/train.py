@@ -1,6 +1,13 @@
 """The one training loop for every method: SGD with momentum, cosine / step / constant learning
 rate with optional warm-up, per-epoch evaluation, JSONL + CSV logs with the method's diagnostics,
-an atomically written checkpoint every epoch, and exact resume."""
+an atomically written checkpoint every epoch, and exact resume.
+
+Distributed: under `torchrun` (after `init_distributed()`), every rank draws the same global
+batch and trains on its share of it with DistributedDataParallel; the loss is scaled so that
+the averaged gradient is the global batch's mean gradient, i.e. the run equals a single-process
+run with the same global batch up to float summation order (BatchNorm excepted: its batch
+statistics are per rank). Every rank holds identical m, w, α and masks; only rank 0 logs and
+writes files."""
 
 from __future__ import annotations
 
@@ -57,12 +64,48 @@ class TrainConfig:
         return self.lr
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that `torchrun` describes (env WORLD_SIZE > 1; NCCL on GPUs, gloo
+    on CPU) and return (rank, world size); (0, 1) when not launched by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return _rank_world()
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files: rank 0, or the only process."""
+    return _rank_world()[0] == 0
+
+
+def default_device() -> torch.device:
+    """The GPU of this process (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000) -> float:
     """Top-1 accuracy in eval mode."""
     was = model.training
     model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.batches(batch_size))
+    dev = next(model.parameters()).device
+    correct = sum(int((model(x.to(dev)).argmax(1) == y.to(dev)).sum())
+                  for x, y in data.batches(batch_size))
     model.train(was)
     return correct / len(data)
 
@@ -83,6 +126,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     lr_scale: float = 1.0,
+    device: str | torch.device | None = None,
 ) -> list[dict]:
     """Train `model` with `method`; returns the per-epoch log.
 
@@ -91,9 +135,16 @@ def train(
     finished run returns at once) and refused otherwise, so nothing is overwritten silently.
     Shuffling and augmentation depend only on (seed, epoch), so a resumed run is bit-identical
     on CPU. `lr_scale` multiplies the learning rate (the paper's 0.2 for
-    m ⊙ w is lr_scale=2 on lr 0.1).
+    m ⊙ w is lr_scale=2 on lr 0.1). `device`: default `default_device()`. Under torchrun
+    (see `init_distributed`), `cfg.batch_size` is the global batch, split across the ranks.
     """
     cfg.validate()
+    rank, world = _rank_world()
+    if world > cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the number of processes "
+                         f"{world}: each needs at least one example per step")
+    dev = torch.device(device) if device is not None else default_device()
+    model.to(dev)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     method.attach(model, steps_per_epoch, cfg.epochs)
@@ -104,6 +155,8 @@ def train(
               "train_size": len(train_data), "dataset": train_data.name}
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
+    writer = out if rank == 0 else None
+    progress = progress and rank == 0
     history: list[dict] = []
     start = 0
     if out:
@@ -113,7 +166,15 @@ def train(
                 raise ValueError(f"{ckpt_path} exists: resume it (--resume / resume=True) or "
                                  "choose another output folder")
             start, history = _resume(ckpt_path, config, model, opt, method)
-        (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        if writer:  # the process count is recorded, not compared: resuming on another is fine
+            (out / "config.json").write_text(json.dumps({**config, "world_size": world},
+                                                        indent=1, default=str))
+    net: nn.Module = model
+    if world > 1:
+        # after any resume: constructing DDP broadcasts rank 0's parameters and synchronizes
+        # the ranks, so none starts before every rank has read the checkpoint
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
     step = start * steps_per_epoch
     model.train()
     for epoch in range(start, cfg.epochs):
@@ -128,11 +189,16 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            logits = model(x)
+            n_global = len(y)
+            x, y = x.chunk(world)[rank].to(dev), y.chunk(world)[rank].to(dev)
+            logits = net(x)
             loss = nn.functional.cross_entropy(logits, y)
+            # DDP averages gradients over ranks: weight each rank's mean by its share of the
+            # global batch, so the result is the global batch's mean gradient
+            data_loss = loss * (len(y) * world / n_global) if world > 1 else loss
             pen = method.penalty()
-            full = loss + pen if pen is not None else loss
-            if not torch.isfinite(full):
+            full = data_loss + pen if pen is not None else data_loss
+            if not _all_finite(full, world):
                 last = f"; last good checkpoint: {ckpt_path}" if ckpt_path else ""
                 raise FloatingPointError(
                     f"non-finite loss ({full.item()}) at epoch {epoch + 1}, step {step} of "
@@ -145,6 +211,7 @@ def train(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             step += 1
+        loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen], world)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
                "train_acc": correct / seen,
                "test_acc": evaluate(model, test_data, cfg.eval_batch_size) if test_data else None,
@@ -154,7 +221,7 @@ def train(
         if progress:
             tqdm.write(f"{method.name} epoch {row['epoch']}: loss {row['train_loss']:.4f} "
                        f"test_acc {row['test_acc']} ({row['seconds']:.0f}s)")
-        if out:
+        if writer:
             _write_logs(out, history)
             _atomic_save({"epoch": epoch + 1, "config": config, "model": model.state_dict(),
                           "optimizer": opt.state_dict(), "method": method.state_dict(),
@@ -162,9 +229,30 @@ def train(
     return history
 
 
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank (so that all ranks stop together)."""
+    ok = torch.isfinite(loss.detach()).float()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _sum_over_ranks(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _resume(path: Path, config: dict, model, opt, method) -> tuple[int, list[dict]]:
     try:
-        ck = torch.load(path, weights_only=False)
+        ck = torch.load(path, weights_only=False, map_location=next(model.parameters()).device)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); move it "
                          "away to start over (it is never overwritten silently)") from e
@@ -207,10 +295,11 @@ def recalibrate_bn(model: nn.Module, data: ImageData, batches: int = 20,
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    dev = next(model.parameters()).device
     for i, (x, _) in enumerate(data.batches(batch_size, shuffle=True, seed=1, augment=False)):
         if i >= batches:
             break
-        model(x)
+        model(x.to(dev))
     for m, (mom, _) in zip(bns, saved):
         m.momentum = mom
     model.eval()

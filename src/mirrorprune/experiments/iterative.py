@@ -34,7 +34,7 @@ from ..methods import Method, Pilot
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report, unique_weights
-from ..train import TrainConfig, _atomic_save, train
+from ..train import TrainConfig, _atomic_save, is_main, train
 from .oneshot import load_data
 from .oneshot import preset as oneshot_preset
 
@@ -121,7 +121,8 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list
                 else:
                     state["start"], state["start_wrapped"] = state["rewind"] or init, None
         state["done"] = cycle + 1
-        _atomic_save(state, state_path)
+        if is_main():
+            _atomic_save(state, state_path)
     return state["rows"]
 
 
@@ -170,10 +171,14 @@ def run(cfg: IterativeConfig, out: str | Path, progress: bool = True) -> dict:
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"config-{cfg.variant}.json").write_text(
-        json.dumps({"iterative": asdict(cfg), "provenance": provenance()}, indent=1))
+    if is_main():
+        (out / f"config-{cfg.variant}.json").write_text(
+            json.dumps({"iterative": asdict(cfg), "provenance": provenance()}, indent=1))
+    mine = []
     for seed in range(cfg.seeds):
-        run_seed(cfg, seed, out, progress)
+        mine += run_seed(cfg, seed, out, progress)
+    if not is_main():  # under torchrun only rank 0 writes the results
+        return {"rows": mine, "seconds": time.time() - t0}
     rows = collect(out)
     with open(out / "iterative.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -25,7 +25,7 @@ from ..methods import METHODS, create_method
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report
-from ..train import TrainConfig, evaluate, recalibrate_bn, train
+from ..train import TrainConfig, evaluate, is_main, recalibrate_bn, train
 
 SWEEP = tuple(1 - 0.8**k for k in range(1, 26))
 TABLE = (0.8, 0.9, 0.95, 0.98, 0.99)
@@ -124,9 +124,10 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
                      "actual_sparsity": sparsity_report(pruned, exclude=cfg.exclude).sparsity,
                      "accuracy": evaluate(pruned, te),
                      "unpruned_accuracy": history[-1]["test_acc"]})
-    tmp = sweep_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
-    tmp.replace(sweep_file)
+    if is_main():
+        tmp = sweep_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
+        tmp.replace(sweep_file)
     return rows
 
 
@@ -201,16 +202,19 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     resolved = {"oneshot": asdict(cfg), "preset": {**p, "train": asdict(p["train"])},
                 "train_size": len(tr), "test_size": len(te), "provenance": provenance()}
-    (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
+    if is_main():
+        (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
     rows = []
     for seed in range(cfg.seeds):
         for m in cfg.methods:
             rows += run_one(cfg, m, seed, tr, te, out, progress, resume)
+    summary = summarize(rows, cfg.methods)
+    if not is_main():  # under torchrun only rank 0 writes the results
+        return {"table": "", "summary": summary, "seconds": time.time() - t0, "files": []}
     with open(out / "oneshot.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    summary = summarize(rows, cfg.methods)
     title = (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, {cfg.seeds} seed(s), "
              f"{len(tr)} train images")
     plot(summary, cfg.methods, title, out / "oneshot.png")

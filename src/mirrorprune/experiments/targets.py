@@ -23,18 +23,28 @@ from typing import Any
 from ..ci import mean_ci
 from ..methods import METHODS
 from ..provenance import provenance
-from .oneshot import OneshotConfig, _data, preset, run_one
+from ..train import is_main
+from .oneshot import OneshotConfig, load_data, preset, run_one
 
+PILOT_ALPHA_INIT = 3e-4
 SPRED_ALPHA = {0.8: 5e-5, 0.9: 1e-4, 0.95: 2e-4, 0.98: 4e-4, 0.99: 8e-4}
 STR_S_INIT = {0.8: -3.5, 0.9: -3.0, 0.95: -2.5, 0.98: -2.0, 0.99: -1.75}
 
 
-def aim(method: str, target: float) -> dict[str, Any]:
-    """The hyperparameters that aim `method` at sparsity `target`."""
+# Steps per epoch × learning rate of the budget the ladders were chosen on (MNIST, `cpu` preset:
+# 469 steps of lr 0.1). α is a per-step rate, so on another budget the α values are scaled by
+# REFERENCE_EPOCH_LR / (its steps per epoch × lr) to add the same A = Σ ηα per epoch.
+REFERENCE_EPOCH_LR = 469 * 0.1
+
+
+def aim(method: str, target: float, epoch_lr: float = REFERENCE_EPOCH_LR) -> dict[str, Any]:
+    """The hyperparameters that aim `method` at sparsity `target` on a budget of `epoch_lr`
+    (steps per epoch × learning rate of the m ⊙ w parameters)."""
     nearest = min(SPRED_ALPHA, key=lambda s: abs(s - target))
-    return {"pilot": {"schedule": "target", "target": target, "alpha": 3e-4},
+    f = REFERENCE_EPOCH_LR / epoch_lr
+    return {"pilot": {"schedule": "target", "target": target, "alpha": PILOT_ALPHA_INIT * f},
             "gmp": {"target": target},
-            "spred": {"alpha": SPRED_ALPHA[nearest]},
+            "spred": {"alpha": SPRED_ALPHA[nearest] * f},
             "str": {"s_init": STR_S_INIT[nearest]}}.get(method, {})
 
 
@@ -66,11 +76,13 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
-    tr, te = _data(OneshotConfig(dataset=cfg.dataset, data_dir=cfg.data_dir), p)
+    tr, te = load_data(cfg.dataset, p, cfg.data_dir)
+    tcfg = p["train"]
+    epoch_lr = math.ceil(len(tr) / tcfg.batch_size) * tcfg.lr * p["lr_scale_mw"]
     rows, used = [], {}
     for target in cfg.sparsities:
         for m in cfg.methods:
-            hp = {**aim(m, target), **cfg.hparams.get(m, {})}
+            hp = {**aim(m, target, epoch_lr), **cfg.hparams.get(m, {})}
             used[f"{m}@{target:g}"] = hp
             one = OneshotConfig(dataset=cfg.dataset, model=cfg.model, methods=(m,),
                                 preset=cfg.preset, hparams={m: hp}, epochs=cfg.epochs,
@@ -79,6 +91,9 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                 sweep = run_one(one, m, seed, tr, te, out / f"target{target:g}", progress,
                                 resume, sparsities=(target,))
                 rows += [{**r, "target": target} for r in sweep]
+    table = markdown(rows, cfg)
+    if not is_main():  # under torchrun only rank 0 writes the results
+        return {"table": table, "rows": rows, "seconds": time.time() - t0}
     (out / "config.json").write_text(json.dumps(
         {"targets": asdict(cfg), "hparams_used": used, "provenance": provenance(),
          "train_size": len(tr), "test_size": len(te)}, indent=1, default=str))
@@ -86,7 +101,6 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    table = markdown(rows, cfg)
     (out / "targets.md").write_text(f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
                                     f"{cfg.seeds} seed(s), {len(tr)} training images\n\n"
                                     "Test accuracy (%) at exactly the target sparsity, mean ± "
