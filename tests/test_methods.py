@@ -44,6 +44,12 @@ def test_each_method_trains_and_exports_a_plain_model_with_exact_sparsity(name):
         assert 0 <= evaluate(pruned, data) <= 1
     if name == "gmp":
         assert own == pytest.approx(0.5, abs=0.01)
+    # exporting leaves the trained model intact: it still runs and exports the same again
+    x = next(data.batches(8))[0]
+    model.eval()
+    assert torch.equal(model(x), model(x)) and len(method.weights()) == 3
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 method.export().state_dict().values()))
 
 
 def test_method_specific_behaviour():

@@ -55,6 +55,12 @@ class _Parametrized(Method):
                 continue
             p = copy_mod.parametrizations.weight
             value = self.final(p[0], p.original).detach().clone()
+            # deepcopy shares the generated Parametrized* class with the original module, and
+            # removing a parametrization deletes the property from that class: give the copy
+            # a class of its own first, or the trained model would lose its `weight`
+            cls = type(copy_mod)
+            copy_mod.__class__ = type(cls.__name__, cls.__bases__, {
+                k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
             parametrize.remove_parametrizations(copy_mod, "weight", leave_parametrized=False)
             copy_mod.weight.copy_(value)
         return model
