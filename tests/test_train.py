@@ -64,6 +64,25 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
               TrainConfig(epochs=1, batch_size=16), progress=False)
 
 
+def test_non_finite_weight_names_the_layer_and_keeps_the_checkpoint(tmp_path):
+    from mirrorprune.methods import Method
+
+    class Blowup(Method):  # a weight turns inf after the first step of epoch 2
+        def after_step(self):
+            super().after_step()
+            if self.step_count == 5:
+                with torch.no_grad():
+                    self.model[4].weight[0, 0] = float("inf")
+
+    model = _net()
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 5 of dense \(non-finite values "
+                       r"in 4.weight\); last good checkpoint: .*checkpoint.pt"):
+        train(model, Blowup(), _tiny_data(), None, TrainConfig(epochs=3, batch_size=16),
+              tmp_path, progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
 def test_lr_schedules():
     c = TrainConfig(lr=1.0, lr_schedule="step", milestones=(0.5,), gamma=0.1, warmup_epochs=1)
     assert c.lr_at(0, 100, 10) == pytest.approx(0.1)  # warm-up

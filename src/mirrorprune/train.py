@@ -199,10 +199,8 @@ def train(
             pen = method.penalty()
             full = data_loss + pen if pen is not None else data_loss
             if not _all_finite(full, world):
-                last = f"; last good checkpoint: {ckpt_path}" if ckpt_path else ""
-                raise FloatingPointError(
-                    f"non-finite loss ({full.item()}) at epoch {epoch + 1}, step {step} of "
-                    f"{method.name}: lower the learning rate or the regularization{last}")
+                raise FloatingPointError(_nonfinite_message(full, model, method, epoch, step,
+                                                            ckpt_path))
             full.backward()
             method.before_step(lr)
             opt.step()
@@ -227,6 +225,17 @@ def train(
                           "optimizer": opt.state_dict(), "method": method.state_dict(),
                           "history": history}, ckpt_path)
     return history
+
+
+def _nonfinite_message(loss, model, method, epoch, step, ckpt_path) -> str:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    where = (f"non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+             if bad else "all parameters are still finite")
+    last = (f"last good checkpoint: {ckpt_path}" if ckpt_path and ckpt_path.exists()
+            else "no checkpoint written yet")
+    return (f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step} of "
+            f"{method.name} ({where}); {last}. Lower the learning rate or the regularization "
+            "strength and start again (or resume from the checkpoint)")
 
 
 def _all_finite(loss: torch.Tensor, world: int) -> bool:
