@@ -20,7 +20,12 @@ def test_targets_exports_exactly_each_target(tmp_path, capsys):
 def test_aim_and_validation(tmp_path):
     assert targets.aim("gmp", 0.95) == {"target": 0.95}
     assert targets.aim("pilot", 0.9)["schedule"] == "target"
-    assert targets.aim("str", 0.97)["s_init"] == targets.STR_S_INIT[0.98]
+    assert targets.aim("str", 0.97)["s_init"] == targets.STR_S_INIT[0.98] == -1.5
+    # α is per step: half the steps × lr per epoch doubles it, s_init is not scaled
+    half = targets.REFERENCE_EPOCH_LR / 2
+    assert targets.aim("spred", 0.9, half)["alpha"] == pytest.approx(2 * targets.SPRED_ALPHA[0.9])
+    assert targets.aim("pilot", 0.9, half)["alpha"] == pytest.approx(2 * targets.PILOT_ALPHA_INIT)
+    assert targets.aim("str", 0.9, half) == targets.aim("str", 0.9)
     with pytest.raises(SystemExit, match="sparsities"):
         main(["targets", "--sparsities", "0.9,1.0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="expects numbers"):

@@ -18,20 +18,22 @@ class Pilot(Method):
     schedule (k counted in epochs): "geometric" α·p^epoch with p = decay_to^(1/epochs) unless p is
     given (paper: p = 0.95), "constant", "harmonic", "quadratic", "half" (constant for the first
     half of training, then off), or "target": `schedules.TargetController` started at α and aimed
-    at `target` sparsity. m and w get no ordinary weight decay.
+    at `target` sparsity (its delta, acc_tol and mass_tol are hyperparameters here too). m and w
+    get no ordinary weight decay.
     """
 
     name = "pilot"
     uses_mw = True
     defaults = {"alpha": 1e-3, "schedule": "geometric", "p": None, "decay_to": 0.01, "beta": 1.0,
-                "target": None}
+                "target": None, "delta": 1.5, "acc_tol": 0.01, "mass_tol": 0.4}
 
     def make_schedule(self) -> S.Schedule:
         a, kind = self.hp["alpha"], self.hp["schedule"]
         if kind == "target":
             if self.hp["target"] is None:
                 raise ValueError("schedule='target' needs the hyperparameter target (a sparsity)")
-            return S.TargetController(a, self.hp["target"], self.epochs)
+            return S.TargetController(a, self.hp["target"], self.epochs, delta=self.hp["delta"],
+                                      acc_tol=self.hp["acc_tol"], mass_tol=self.hp["mass_tol"])
         if kind == "geometric":
             p = self.hp["p"] or self.hp["decay_to"] ** (1 / max(1, self.epochs))
             per_epoch = S.Geometric(a, p)
