@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import save_torch
 from .reparam import find_mirror_weights
 
 # Measured on 2 CPU cores (benchmarks/results/inference): CSR pays from about this sparsity on.
@@ -127,11 +128,8 @@ def save_sparse(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathL
     state = model.state_dict() if isinstance(model, nn.Module) else model
     if isinstance(model, nn.Module) and find_mirror_weights(model):
         raise ValueError("save_sparse needs a plain model; call finalize() first")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "tensors": {k: _encode(v) for k, v in state.items()}}, tmp)
-    tmp.replace(path)
-    return path.stat().st_size
+    save_torch({"format": FORMAT, "tensors": {k: _encode(v) for k, v in state.items()}}, path)
+    return Path(path).stat().st_size
 
 
 def load_sparse(path: str | os.PathLike, model: nn.Module | None = None

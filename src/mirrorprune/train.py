@@ -11,7 +11,6 @@ writes files."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import ImageData
+from .files import save_torch, write_json, write_rows, write_text
 from .methods import Method
 
 
@@ -110,12 +110,6 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000) -> float
     return correct / len(data)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # readers see the old or the new file, never half of one
-
-
 def train(
     model: nn.Module,
     method: Method,
@@ -167,8 +161,7 @@ def train(
                                  "choose another output folder")
             start, history = _resume(ckpt_path, config, model, opt, method)
         if writer:  # the process count is recorded, not compared: resuming on another is fine
-            (out / "config.json").write_text(json.dumps({**config, "world_size": world},
-                                                        indent=1, default=str))
+            write_json(out / "config.json", {**config, "world_size": world})
     net: nn.Module = model
     if world > 1:
         # after any resume: constructing DDP broadcasts rank 0's parameters and synchronizes
@@ -221,7 +214,7 @@ def train(
                        f"test_acc {row['test_acc']} ({row['seconds']:.0f}s)")
         if writer:
             _write_logs(out, history)
-            _atomic_save({"epoch": epoch + 1, "config": config, "model": model.state_dict(),
+            save_torch({"epoch": epoch + 1, "config": config, "model": model.state_dict(),
                           "optimizer": opt.state_dict(), "method": method.state_dict(),
                           "history": history}, ckpt_path)
     return history
@@ -279,16 +272,8 @@ def _resume(path: Path, config: dict, model, opt, method) -> tuple[int, list[dic
 
 
 def _write_logs(out: Path, history: list[dict]) -> None:
-    tmp = out / "log.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, out / "log.jsonl")
-    keys = list(dict.fromkeys(k for r in history for k in r))
-    tmp = out / "log.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, out / "log.csv")
+    write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    write_rows(out / "log.csv", history)
 
 
 @torch.no_grad()

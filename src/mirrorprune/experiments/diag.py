@@ -20,8 +20,6 @@ of tensors; there is no Python loop over runs.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ from tqdm import tqdm
 
 from .. import schedules as S
 from .. import theory
+from ..files import save_figure, write_json, write_rows
 from ..provenance import provenance
 
 #: method name -> (kind, beta): kind "pilot" = α(‖m‖² + ‖w‖²) on m ⊙ w; "l1_m" = λ‖m‖₁ on m ⊙ w;
@@ -227,13 +226,11 @@ def _limit_errors(problem: dict, sim: dict, schedules: list[str]) -> dict[str, f
 
 
 def write_csv(path: Path, cfg: DiagConfig, sim: dict) -> None:
-    with open(path, "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["method", "schedule", "init", "seed", "step", "t", "error"])
-        for j, (meth, name, _, i, s) in enumerate(sim["runs"]):
-            for c, st in enumerate(sim["record_steps"].tolist()):
-                wr.writerow([meth, name, i, s, st, f"{st * cfg.lr:.6g}",
-                             f"{float(sim['traj'][j, c]):.6e}"])
+    rows = ({"method": meth, "schedule": name, "init": i, "seed": s, "step": st,
+             "t": f"{st * cfg.lr:.6g}", "error": f"{float(sim['traj'][j, c]):.6e}"}
+            for j, (meth, name, _, i, s) in enumerate(sim["runs"])
+            for c, st in enumerate(sim["record_steps"].tolist()))
+    write_rows(path, rows)
 
 
 LABELS = {"pilot": "PILoT (β=1)", "pilot_beta0": "PILoT, spred init (β=0)", "l1_m": "L1 on m",
@@ -317,7 +314,7 @@ def plot_all(out: Path, cfg: DiagConfig, problem: dict, sim: dict, summary: dict
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -337,9 +334,7 @@ def run(cfg: DiagConfig, out: Path | str, progress: bool = True) -> dict:
     figures = plot_all(out, cfg, problem, sim, summary)
     summary["seconds"] = time.time() - t0
     result = {"provenance": provenance(), "config": asdict(cfg), "figures": figures, **summary}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", result)
     return result
 
 

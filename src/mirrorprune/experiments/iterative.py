@@ -21,8 +21,6 @@ OUT/iterative.png from all variants present in OUT.
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,11 +28,12 @@ from pathlib import Path
 import torch
 
 from ..ci import mean_ci
+from ..files import save_figure, save_torch, write_json, write_rows
 from ..methods import Method, Pilot
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report, unique_weights
-from ..train import TrainConfig, _atomic_save, is_main, train
+from ..train import TrainConfig, is_main, train
 from .oneshot import load_data
 from .oneshot import preset as oneshot_preset
 
@@ -122,7 +121,7 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list
                     state["start"], state["start_wrapped"] = state["rewind"] or init, None
         state["done"] = cycle + 1
         if is_main():
-            _atomic_save(state, state_path)
+            save_torch(state, state_path)
     return state["rows"]
 
 
@@ -162,7 +161,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -172,18 +171,15 @@ def run(cfg: IterativeConfig, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
-        (out / f"config-{cfg.variant}.json").write_text(
-            json.dumps({"iterative": asdict(cfg), "provenance": provenance()}, indent=1))
+        write_json(out / f"config-{cfg.variant}.json",
+                   {"iterative": asdict(cfg), "provenance": provenance()})
     mine = []
     for seed in range(cfg.seeds):
         mine += run_seed(cfg, seed, out, progress)
     if not is_main():  # under torchrun only rank 0 writes the results
         return {"rows": mine, "seconds": time.time() - t0}
     rows = collect(out)
-    with open(out / "iterative.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out / "iterative.csv", rows)
     plot(rows, out / "iterative.png", f"{cfg.dataset} {cfg.model}: iterative pruning, keep "
          f"{cfg.keep:g} per cycle, {cfg.epochs} epochs per cycle")
     mine = [r for r in rows if r["variant"] == cfg.variant]

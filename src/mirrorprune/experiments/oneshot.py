@@ -9,7 +9,6 @@ the paper.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -21,6 +20,7 @@ import torch
 
 from ..ci import mean_ci
 from ..data import ImageData, load
+from ..files import save_figure, write_json, write_rows, write_text
 from ..methods import METHODS, create_method
 from ..models import create_model
 from ..provenance import provenance
@@ -125,9 +125,7 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
                      "accuracy": evaluate(pruned, te),
                      "unpruned_accuracy": history[-1]["test_acc"]})
     if is_main():
-        tmp = sweep_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
-        tmp.replace(sweep_file)
+        write_json(sweep_file, {"key": key, "rows": rows})
     return rows
 
 
@@ -186,7 +184,7 @@ def plot(summary: list[dict], methods: tuple[str, ...], title: str, path: Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -203,7 +201,7 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     resolved = {"oneshot": asdict(cfg), "preset": {**p, "train": asdict(p["train"])},
                 "train_size": len(tr), "test_size": len(te), "provenance": provenance()}
     if is_main():
-        (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
+        write_json(out / "config.json", resolved)
     rows = []
     for seed in range(cfg.seeds):
         for m in cfg.methods:
@@ -211,15 +209,12 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     summary = summarize(rows, cfg.methods)
     if not is_main():  # under torchrun only rank 0 writes the results
         return {"table": "", "summary": summary, "seconds": time.time() - t0, "files": []}
-    with open(out / "oneshot.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out / "oneshot.csv", rows)
     title = (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, {cfg.seeds} seed(s), "
              f"{len(tr)} train images")
     plot(summary, cfg.methods, title, out / "oneshot.png")
     table = markdown_table(rows, summary, cfg.methods)
-    (out / "oneshot.md").write_text(f"{title}\n\nTest accuracy (%), mean ± 95% CI over seeds.\n\n"
+    write_text(out / "oneshot.md", f"{title}\n\nTest accuracy (%), mean ± 95% CI over seeds.\n\n"
                                     f"{table}\n")
     return {"table": table, "summary": summary, "seconds": time.time() - t0,
             "files": ["oneshot.csv", "oneshot.png", "oneshot.md", "config.json"]}

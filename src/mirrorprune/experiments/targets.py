@@ -15,8 +15,6 @@ Any method's values can be overridden with --hp.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ci import mean_ci
+from ..files import write_json, write_rows, write_text
 from ..methods import METHODS
 from ..provenance import provenance
 from ..train import is_main
@@ -97,14 +96,11 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
     table = markdown(rows, cfg)
     if not is_main():  # under torchrun only rank 0 writes the results
         return {"table": table, "rows": rows, "seconds": time.time() - t0}
-    (out / "config.json").write_text(json.dumps(
-        {"targets": asdict(cfg), "hparams_used": used, "provenance": provenance(),
-         "train_size": len(tr), "test_size": len(te)}, indent=1, default=str))
-    with open(out / "targets.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "targets.md").write_text(f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
+    write_json(out / "config.json",
+               {"targets": asdict(cfg), "hparams_used": used, "provenance": provenance(),
+                "train_size": len(tr), "test_size": len(te)})
+    write_rows(out / "targets.csv", rows)
+    write_text(out / "targets.md", f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
                                     f"{cfg.seeds} seed(s), {len(tr)} training images\n\n"
                                     "Test accuracy (%) at exactly the target sparsity, mean ± "
                                     f"95% CI over seeds.\n\n{table}\n")
