@@ -196,3 +196,26 @@ def test_schedule_returning_bad_alpha_stops_with_message():
     pilot = mp.PILoT(nn.Linear(2, 2), Bad())
     with pytest.raises(ValueError, match=r"schedule\(0\) must be a finite number"):
         pilot.step()
+
+
+def test_extreme_alpha_is_refused_and_tiny_beta_works():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    pilot = mp.PILoT(model, 10.0)
+    with pytest.raises(ValueError, match="alpha 10 is too large for lr 0.1.*1 − 2·alpha·lr"):
+        pilot.step(lr=0.1)
+    for beta in (1e-30, 1e-12):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3)
+        x0 = model.weight.detach().clone()
+        pilot = mp.PILoT(model, 1e-3, beta=beta)
+        mw = pilot.weights[0]
+        torch.testing.assert_close(model.weight, x0)
+        opt = torch.optim.SGD(pilot.param_groups(), lr=0.1)
+        for _ in range(20):
+            opt.zero_grad()
+            model(torch.randn(8, 5)).pow(2).mean().backward()
+            pilot.step(lr=0.1)
+            opt.step()
+        assert torch.isfinite(mw.m).all() and torch.isfinite(mw.w).all()
+        assert pilot.stats()["c_measured"] >= 0

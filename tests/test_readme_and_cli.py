@@ -40,3 +40,16 @@ def test_doctor_reports_datasets(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "torch" in out and "threads" in out
     assert "cifar10        NOT AVAILABLE" in out and "digits         found" in out
+
+
+@pytest.mark.parametrize("args, valid", [
+    (["oneshot", "--model", "resnet50"], "resnet20"),
+    (["oneshot", "--dataset", "imagenet"], "cifar10"),
+    (["targets", "--dataset", "svhn"], "fashion-mnist"),
+    (["iterative", "--mode", "imp", "--model", "vit"], "lenet_300_100"),
+])
+def test_cli_unknown_names_list_the_valid_ones(capsys, tmp_path, args, valid):
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and valid in err

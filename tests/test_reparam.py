@@ -126,6 +126,17 @@ def test_invalid_arguments_name_the_problem(kwargs, match):
     assert not find_mirror_weights(model)  # a refused wrap leaves the model untouched
 
 
+def test_unsupported_layer_types_are_named():
+    model = nn.ModuleDict({"rnn": nn.LSTM(3, 4), "att": nn.MultiheadAttention(4, 2),
+                           "fc": nn.Linear(4, 2)})
+    with pytest.raises(ValueError, match=r"cannot reparametrize: rnn \(LSTM: weight_ih_l0.*"
+                       r"att \(MultiheadAttention: in_proj_weight"):
+        mp.PILoT(model, 1e-3, include=[nn.LSTM, nn.MultiheadAttention, nn.Linear])
+    assert not find_mirror_weights(model)
+    pilot = mp.PILoT(model, 1e-3)  # the default selection takes the Linear layers only
+    assert [mw.name for mw in pilot.weights] == ["att.out_proj.weight", "fc.weight"]
+
+
 def test_model_without_prunable_weights_and_double_wrap():
     with pytest.raises(ValueError, match="select no prunable weight"):
         mp.PILoT(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), 1e-3)

@@ -99,6 +99,11 @@ class PILoT:
         """
         self._check_open()
         alpha = self.alpha
+        if lr is not None and 2 * alpha * lr >= 1:
+            # gradient descent on α(m² + w²) alone multiplies m and w by 1 − 2αη per step
+            raise ValueError(f"alpha {alpha:g} is too large for lr {lr:g}: each step would "
+                             f"multiply m and w by 1 − 2·alpha·lr = {1 - 2 * alpha * lr:g} <= 0 "
+                             "(sign flips, divergence); PILoT's alpha is typically 1e-5..1e-2")
         if self.track_mirror:
             if lr is None:
                 raise ValueError("track_mirror=True needs the step size: call pilot.step(lr=...)")

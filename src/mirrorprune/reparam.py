@@ -140,12 +140,24 @@ def select_modules(
         if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
             raise ValueError(f"exclude pattern {p!r} matches no module; {_names_hint(named)}")
     chosen = [(n, mod) for n, mod in chosen if not any(_matches(mod, n, p) for p in excl)]
-    chosen = [
+    prunable = [
         (n, mod)
         for n, mod in chosen
         if isinstance(mod._parameters.get("weight"), nn.Parameter)
         or "weight" in mirrored_names(mod)
     ]
+    unsupported = [(n, mod) for n, mod in chosen if (n, mod) not in prunable
+                   and any(isinstance(p, nn.Parameter) for p in mod._parameters.values())]
+    if include is not None and unsupported:
+        # asked for explicitly, but their weights are not a `weight` Parameter (e.g. nn.LSTM's
+        # weight_ih_l0, MultiheadAttention's in_proj_weight): say so rather than skip them
+        shown = ", ".join(f"{n or '<root>'} ({type(m).__name__}: "
+                          f"{', '.join(list(m._parameters)[:3])})" for n, m in unsupported[:5])
+        raise ValueError(
+            f"include selects modules PILoT cannot reparametrize: {shown}. Supported are modules "
+            "whose weight is a Parameter named `weight` (nn.Linear, nn.Conv*, nn.Embedding, "
+            "...); leave these out of include, or exclude them")
+    chosen = prunable
     if not chosen:
         raise ValueError(
             "include/exclude select no prunable weight (a module with a `weight` parameter; "
