@@ -4,6 +4,8 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import mirrorprune as mp
@@ -22,6 +24,19 @@ def test_mirror_init_identities(beta):
     if beta == 0:  # spred: m0 = sqrt|x0|, w0 = sign(x0) sqrt|x0|
         torch.testing.assert_close(m, x0.abs().sqrt())
         torch.testing.assert_close(w, x0.sign() * x0.abs().sqrt())
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=50),
+       beta=st.one_of(st.just(0.0), st.floats(1e-12, 1e6)))
+def test_mirror_init_identities_property(x, beta):
+    """m0 ⊙ w0 = x0 and m0² − w0² = β for any weights and β (float64, relative to scale)."""
+    x0 = torch.tensor(x, dtype=torch.float64)
+    m, w = mp.mirror_init(x0, beta)
+    scale = torch.hypot(torch.full_like(x0, beta), 2 * x0)  # = m² + w², what cancels
+    assert torch.isfinite(m).all() and torch.isfinite(w).all() and (m >= 0).all()
+    assert ((m * w - x0).abs() <= 1e-12 * (x0.abs() + 1e-300)).all()
+    assert ((m * m - w * w - beta).abs() <= 1e-12 * scale + 1e-300).all()
 
 
 def _outputs_equal(model, x):

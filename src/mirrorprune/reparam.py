@@ -184,7 +184,7 @@ def mirror_init(x0: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tens
     w0 = sign(x0) sqrt|x0|.
     """
     x = x0.detach().to(torch.float64)
-    m = torch.sqrt((beta + torch.sqrt(beta * beta + 4 * x * x)) / 2)
+    m = torch.sqrt((beta + torch.hypot(torch.full_like(x, beta), 2 * x)) / 2)  # no under/overflow
     w = torch.where(m > 0, x / m.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(x))
     return m.to(x0.dtype), w.to(x0.dtype)
 
