@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .data import ImageData
 from .files import save_torch, write_json, write_rows, write_text
 from .methods import Method
+from .provenance import provenance
 
 
 @dataclass
@@ -160,8 +161,9 @@ def train(
                 raise ValueError(f"{ckpt_path} exists: resume it (--resume / resume=True) or "
                                  "choose another output folder")
             start, history = _resume(ckpt_path, config, model, opt, method)
-        if writer:  # the process count is recorded, not compared: resuming on another is fine
-            write_json(out / "config.json", {**config, "world_size": world})
+        if writer:  # recorded, not compared: resuming elsewhere or on more processes is fine
+            write_json(out / "config.json", {**config, "world_size": world,
+                                             "provenance": provenance()})
     net: nn.Module = model
     if world > 1:
         # after any resume: constructing DDP broadcasts rank 0's parameters and synchronizes
