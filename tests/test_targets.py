@@ -17,6 +17,19 @@ def test_targets_exports_exactly_each_target(tmp_path, capsys):
     assert (tmp_path / "targets.md").read_text().count(" ± ") == 3  # header + 2 cells
 
 
+def test_targets_sharing_hyperparameters_share_one_run(tmp_path):
+    # spred's ladder gives 80% and 90% the same alpha: one run, pruned to both targets
+    assert targets.aim("spred", 0.8) == targets.aim("spred", 0.9)
+    assert main(["targets", "--dataset", "digits", "--sparsities", "0.8,0.9", "--methods",
+                 "spred", "--seeds", "1", "--epochs", "1", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    assert (tmp_path / "target0.8" / "runs" / "spred" / "seed0").is_dir()
+    assert not (tmp_path / "target0.9").exists()
+    rows = list(csv.DictReader(open(tmp_path / "targets.csv")))
+    assert sorted(float(r["target"]) for r in rows) == [0.8, 0.9]
+    assert all(abs(float(r["actual_sparsity"]) - float(r["target"])) < 1e-3 for r in rows)
+
+
 def test_aim_and_validation(tmp_path):
     assert targets.aim("gmp", 0.95) == {"target": 0.95}
     assert targets.aim("pilot", 0.9)["schedule"] == "target"

@@ -15,6 +15,7 @@ Any method's values can be overridden with --hp.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,18 +82,24 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     tcfg = p["train"]
     epoch_lr = math.ceil(len(tr) / tcfg.batch_size) * tcfg.lr * p["lr_scale_mw"]
-    rows, used = [], {}
+    # targets whose hyperparameters coincide (spred and STR ladders have plateaus) share one
+    # training run, kept in the folder of the first of them and pruned to each of them
+    groups: dict[tuple[str, str], list[float]] = {}
+    used = {}
     for target in cfg.sparsities:
         for m in cfg.methods:
             hp = {**aim(m, target, epoch_lr), **cfg.hparams.get(m, {})}
             used[f"{m}@{target:g}"] = hp
-            one = OneshotConfig(dataset=cfg.dataset, model=cfg.model, methods=(m,),
-                                preset=cfg.preset, hparams={m: hp}, epochs=cfg.epochs,
-                                data_dir=cfg.data_dir)
-            for seed in range(cfg.seeds):
-                sweep = run_one(one, m, seed, tr, te, out / f"target{target:g}", progress,
-                                resume, sparsities=(target,))
-                rows += [{**r, "target": target} for r in sweep]
+            groups.setdefault((m, json.dumps(hp, sort_keys=True)), []).append(target)
+    rows = []
+    for (m, hp_json), tgts in groups.items():
+        one = OneshotConfig(dataset=cfg.dataset, model=cfg.model, methods=(m,),
+                            preset=cfg.preset, hparams={m: json.loads(hp_json)},
+                            epochs=cfg.epochs, data_dir=cfg.data_dir)
+        for seed in range(cfg.seeds):
+            sweep = run_one(one, m, seed, tr, te, out / f"target{tgts[0]:g}", progress, resume,
+                            sparsities=tuple(tgts))
+            rows += [{**r, "target": r["sparsity"]} for r in sweep]
     table = markdown(rows, cfg)
     if not is_main():  # under torchrun only rank 0 writes the results
         return {"table": table, "rows": rows, "seconds": time.time() - t0}
