@@ -37,6 +37,27 @@ def test_export_sparse_keeps_dense_layers_and_refuses_wrapped():
         mp.export_sparse(model, 1.5)
 
 
+def test_export_sparse_with_example_input_times_each_layer():
+    model = _sparse_lenet(0.98).eval()
+    x = torch.randn(64, 1, 28, 28)
+    sparse = mp.export_sparse(model, example_input=x)
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+    n = sum(isinstance(m, mp.SparseLinear) for m in sparse.modules())
+    assert 0 <= n <= 3 and model.training is False
+
+    class WithUnused(nn.Module):  # a layer the example input never reaches stays dense
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = model, nn.Linear(50, 50)
+            nn.init.zeros_(self.unused.weight)
+
+        def forward(self, x):
+            return self.net(x)
+
+    assert isinstance(mp.export_sparse(WithUnused()).unused, mp.SparseLinear)
+    assert type(mp.export_sparse(WithUnused(), example_input=x).unused) is nn.Linear
+
+
 def test_transformer_block_stays_correct():
     torch.manual_seed(0)
     block = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)

@@ -2,8 +2,10 @@
 checkpoints (bitmask + non-zero values) that round-trip exactly.
 
 Which layers become sparse is a measured rule: on CPU a CSR matrix product beats the dense one
-only once the weight is sparse enough (benchmarks/inference.py; below `MIN_SPARSITY` the dense
-kernel wins or ties at every batch size we measured), and convolutions stay dense because
+only once the weight is sparse enough — from 80% on for a 4096x4096 layer at batch 1 and 64,
+while at 70% they tie and below that dense wins (benchmarks/results/inference) — and, for small
+layers at small batches, not even then; `export_sparse(..., example_input=x)` therefore times
+each candidate layer on its real input and keeps the faster form. Convolutions stay dense:
 PyTorch has no sparse convolution kernel.
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
+import time
 import warnings
 from pathlib import Path
 
@@ -60,24 +64,68 @@ class SparseLinear(nn.Module):
 
 
 def export_sparse(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
-                  inplace: bool = False) -> nn.Module:
+                  example_input: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
     """A copy of a plain (finalized) model in which every nn.Linear with at least `min_sparsity`
     exact zeros computes with a CSR weight (`SparseLinear`); other layers are left as they are.
-    For inference: the sparse layers hold buffers, not trainable parameters."""
+
+    With `example_input` (a batch like the ones you will serve), each such layer is also timed
+    dense and sparse on the input it receives, and only those where CSR is faster are replaced:
+    small layers at batch 1 often are not (benchmarks/results/inference). For inference: the
+    sparse layers hold buffers, not trainable parameters.
+    """
     if not 0 <= min_sparsity <= 1:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if find_mirror_weights(model):
         raise ValueError("export_sparse needs a plain model; call finalize() (or "
                          "pilot.finalize(sparsity)) first to get one")
     out = model if inplace else copy.deepcopy(model)
-    for mod in list(out.modules()):
-        for child_name, child in list(mod.named_children()):
-            # exactly nn.Linear: subclasses (e.g. MultiheadAttention's out_proj) are read
-            # through .weight by their owner and must stay dense
-            if type(child) is nn.Linear and \
-                    (child.weight == 0).float().mean().item() >= min_sparsity:
-                setattr(mod, child_name, SparseLinear.from_linear(child))
+    # exactly nn.Linear: subclasses (e.g. MultiheadAttention's out_proj) are read through
+    # .weight by their owner and must stay dense
+    chosen = [(mod, name, child) for mod in out.modules()
+              for name, child in mod.named_children()
+              if type(child) is nn.Linear
+              and (child.weight == 0).float().mean().item() >= min_sparsity]
+    if example_input is not None:
+        inputs = _layer_inputs(out, [c for _, _, c in chosen], example_input)
+        chosen = [(mod, name, c) for mod, name, c in chosen
+                  if id(c) in inputs and _sparse_is_faster(c, inputs[id(c)])]
+    for mod, name, child in chosen:
+        setattr(mod, name, SparseLinear.from_linear(child))
     return out
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, layers: list[nn.Module], x: torch.Tensor
+                  ) -> dict[int, torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(m: nn.Module, args: tuple, _out: torch.Tensor) -> None:  # None: output unchanged
+        seen.setdefault(id(m), args[0].detach())
+
+    hooks = [m.register_forward_hook(keep) for m in layers]
+    was = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.inference_mode()
+def _sparse_is_faster(layer: nn.Linear, x: torch.Tensor, rounds: int = 7) -> bool:
+    """Median over interleaved rounds of dense vs CSR time on this layer's real input."""
+    sparse = SparseLinear.from_linear(layer)
+    t = {"dense": [], "sparse": []}
+    for _ in range(rounds):
+        for key, f in (("dense", layer), ("sparse", sparse)):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                f(x)
+            t[key].append(time.perf_counter() - t0)
+    return statistics.median(t["sparse"]) < statistics.median(t["dense"])
 
 
 # ---------------------------------------------------------------- compressed checkpoints

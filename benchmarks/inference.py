@@ -1,0 +1,136 @@
+"""CPU inference latency of dense vs `mp.export_sparse` models, and the crossover that sets
+`mirrorprune.sparse.MIN_SPARSITY`.
+
+Models: LeNet-300-100, a wide MLP (4096-4096-4096-10) and ResNet-20, pruned globally by
+magnitude to 90/95/98% (random weights: latency does not depend on their values), at batch 1
+and 64. Dense and sparse calls are interleaved and the median of each is reported, with the
+speedup = dense / sparse. The crossover part times one 4096x4096 and one 300x784 layer at
+sparsities 50..99%.
+
+    python benchmarks/inference.py --out benchmarks/results/inference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mirrorprune as mp
+from mirrorprune.models import lenet_300_100, mlp, resnet20
+from mirrorprune.provenance import provenance
+
+MODELS = {
+    "lenet_300_100": (lambda: lenet_300_100(10, 784), (1, 28, 28)),
+    "mlp_4096": (lambda: mlp((4096, 4096, 4096, 10)), (4096,)),
+    "resnet20": (lambda: resnet20(10), (3, 32, 32)),
+}
+
+
+@torch.inference_mode()
+def latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int, reps: int
+            ) -> tuple[float, float]:
+    """Median seconds per call of a and b, interleaved."""
+    for _ in range(3):
+        a(x), b(x)
+    ta, tb = [], []
+    for _ in range(rounds):
+        for f, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            for _ in range(reps):
+                f(x)
+            out.append((time.perf_counter() - t) / reps)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def reps_for(model: nn.Module, x: torch.Tensor) -> int:
+    """Enough calls per timed round for ~20 ms."""
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model(x)
+        dt = time.perf_counter() - t
+    return max(1, min(200, int(0.02 / max(dt, 1e-6))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--sparsities", default="0.9,0.95,0.98")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--out", default="benchmarks/results/inference")
+    a = ap.parse_args()
+    rows, cross, sizes = [], [], []
+    for name in a.models.split(","):
+        factory, shape = MODELS[name]
+        torch.manual_seed(0)
+        base = factory().eval()
+        for s in (float(v) for v in a.sparsities.split(",")):
+            dense = mp.prune(base, s)
+            sparse = mp.export_sparse(dense, min_sparsity=0.0)
+            n_sparse = sum(isinstance(m, mp.SparseLinear) for m in sparse.modules())
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(dense.state_dict(), Path(tmp) / "dense.pt")
+                sizes.append({"model": name, "sparsity": s,
+                              "dense_bytes": (Path(tmp) / "dense.pt").stat().st_size,
+                              "sparse_bytes": mp.save_sparse(dense, Path(tmp) / "sparse.pt")})
+            for bs in (int(v) for v in a.batches.split(",")):
+                x = torch.randn(bs, *shape)
+                err = (sparse(x) - dense(x)).abs().max().item()
+                td, ts = latency(dense, sparse, x, a.rounds, reps_for(dense, x))
+                row = {"model": name, "sparsity": s, "batch": bs, "dense_ms": 1e3 * td,
+                       "sparse_ms": 1e3 * ts, "speedup": td / ts, "sparse_layers": n_sparse,
+                       "max_abs_diff": err}
+                rows.append(row)
+                print(f"{name:14s} {s:.0%} batch {bs:3d}: dense {1e3 * td:8.3f} ms  sparse "
+                      f"{1e3 * ts:8.3f} ms  speedup {td / ts:5.2f}x  (max |diff| {err:.1e})",
+                      flush=True)
+    for n_out, n_in in ((4096, 4096), (300, 784)):
+        for s in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
+            torch.manual_seed(0)
+            layer_model = mp.prune(nn.Sequential(nn.Linear(n_in, n_out)), s)
+            sparse = mp.export_sparse(layer_model, min_sparsity=0.0)
+            for bs in (int(v) for v in a.batches.split(",")):
+                x = torch.randn(bs, n_in)
+                td, ts = latency(layer_model, sparse, x, a.rounds, reps_for(layer_model, x))
+                cross.append({"layer": f"{n_out}x{n_in}", "sparsity": s, "batch": bs,
+                              "speedup": td / ts})
+                print(f"layer {n_out}x{n_in} {s:.0%} batch {bs:3d}: speedup {td / ts:5.2f}x",
+                      flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"args": vars(a), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "provenance": provenance()}
+    (out / "inference.json").write_text(json.dumps(
+        {"meta": meta, "rows": rows, "crossover": cross, "file_sizes": sizes}, indent=1))
+    lines = ["| model | sparsity | batch | dense ms | sparse ms | speedup |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']:.3f} | "
+              f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x |" for r in rows]
+    lines += ["", "| layer | batch | " + " | ".join(
+        f"{s:.0%}" for s in sorted({c['sparsity'] for c in cross})) + " |",
+        "|---|---|" + "---|" * len({c["sparsity"] for c in cross})]
+    for layer in dict.fromkeys(c["layer"] for c in cross):
+        for bs in dict.fromkeys(c["batch"] for c in cross):
+            cells = [f"{c['speedup']:.2f}x" for c in cross
+                     if c["layer"] == layer and c["batch"] == bs]
+            lines.append(f"| {layer} | {bs} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | sparsity | torch.save | save_sparse | ratio |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {z['model']} | {z['sparsity']:.0%} | {z['dense_bytes'] / 1e6:.2f} MB | "
+              f"{z['sparse_bytes'] / 1e6:.3f} MB | {z['dense_bytes'] / z['sparse_bytes']:.1f}x |"
+              for z in sizes]
+    (out / "inference.md").write_text(
+        f"CPU latency, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"`python benchmarks/inference.py` (median of {a.rounds} interleaved rounds).\n\n"
+        + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
