@@ -215,10 +215,11 @@ def train(
             tqdm.write(f"{method.name} epoch {row['epoch']}: loss {row['train_loss']:.4f} "
                        f"test_acc {row['test_acc']} ({row['seconds']:.0f}s)")
         if writer:
-            _write_logs(out, history)
+            # checkpoint first: the logs never show an epoch that a resume would train again
             save_torch({"epoch": epoch + 1, "config": config, "model": model.state_dict(),
-                          "optimizer": opt.state_dict(), "method": method.state_dict(),
-                          "history": history}, ckpt_path)
+                        "optimizer": opt.state_dict(), "method": method.state_dict(),
+                        "history": history}, ckpt_path)
+            _write_logs(out, history)
     return history
 
 
