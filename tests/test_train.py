@@ -83,6 +83,25 @@ def test_non_finite_weight_names_the_layer_and_keeps_the_checkpoint(tmp_path):
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_non_finite_weight_the_loss_does_not_see_stops_before_the_checkpoint(tmp_path):
+    from mirrorprune.methods import Method
+
+    class Unused(Method):  # a parameter outside the forward pass turns nan in epoch 2
+        def after_step(self):
+            super().after_step()
+            if self.step_count == 6:
+                with torch.no_grad():
+                    self.model.extra.fill_(float("nan"))
+
+    model = _net()
+    model.extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(FloatingPointError, match=r"non-finite weights at epoch 2, step 8 of "
+                       r"dense \(non-finite values in extra\); last good checkpoint"):
+        train(model, Unused(), _tiny_data(), None, TrainConfig(epochs=3, batch_size=16),
+              tmp_path, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
 def test_lr_schedules():
     c = TrainConfig(lr=1.0, lr_schedule="step", milestones=(0.5,), gamma=0.1, warmup_epochs=1)
     assert c.lr_at(0, 100, 10) == pytest.approx(0.1)  # warm-up

@@ -205,6 +205,10 @@ def train(
             seen += len(y)
             step += 1
         loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen], world)
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # e.g. a parameter the loss does not see: never checkpoint it
+            raise FloatingPointError(_nonfinite_message(torch.tensor(loss_sum), model, method,
+                                                        epoch, step, ckpt_path))
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
                "train_acc": correct / seen,
                "test_acc": evaluate(model, test_data, cfg.eval_batch_size) if test_data else None,
@@ -224,12 +228,14 @@ def train(
 
 
 def _nonfinite_message(loss, model, method, epoch, step, ckpt_path) -> str:
+    """Names the step, the non-finite parameters and the last good checkpoint."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     where = (f"non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
              if bad else "all parameters are still finite")
     last = (f"last good checkpoint: {ckpt_path}" if ckpt_path and ckpt_path.exists()
             else "no checkpoint written yet")
-    return (f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step} of "
+    what = f"non-finite loss ({loss.item()})" if not torch.isfinite(loss) else "non-finite weights"
+    return (f"{what} at epoch {epoch + 1}, step {step} of "
             f"{method.name} ({where}); {last}. Lower the learning rate or the regularization "
             "strength and start again (or resume from the checkpoint)")
 
