@@ -116,7 +116,8 @@ def _targets(args: argparse.Namespace) -> int:
     cfg = targets.TargetsConfig(
         dataset=args.dataset, model=args.model, methods=tuple(args.methods.split(",")),
         sparsities=sparsities, seeds=args.seeds, preset=args.preset,
-        hparams=_parse_hparams(args.hp), epochs=args.epochs, data_dir=args.data_dir)
+        hparams=_parse_hparams(args.hp), epochs=args.epochs, bn_recalibrate=args.bn_recalibrate,
+        data_dir=args.data_dir)
     _validate(cfg, "targets")
     res = targets.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     t.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="override a method's hyperparameter for every target")
+    t.add_argument("--bn-recalibrate", action="store_true",
+                   help="re-estimate BatchNorm statistics after pruning (default: off, as in the "
+                        "paper)")
     t.add_argument("--data-dir", default=None)
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true")

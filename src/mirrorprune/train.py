@@ -269,6 +269,9 @@ def _resume(path: Path, config: dict, model, opt, method) -> tuple[int, list[dic
                          "away to start over (it is never overwritten silently)") from e
     saved = json.loads(json.dumps(ck["config"], default=str))
     now = json.loads(json.dumps(config, default=str))
+    # a hyperparameter added to the method later, at its default, changes nothing
+    saved["hparams"] = {**json.loads(json.dumps(method.defaults, default=str)),
+                        **saved.get("hparams", {})}
     if saved != now:
         diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
                 if saved.get(k) != now.get(k)}
@@ -289,7 +292,12 @@ def _write_logs(out: Path, history: list[dict]) -> None:
 def recalibrate_bn(model: nn.Module, data: ImageData, batches: int = 20,
                    batch_size: int = 256) -> nn.Module:
     """Re-estimate BatchNorm running statistics (cumulative average over `batches` training
-    batches, no augmentation) — e.g. after pruning."""
+    batches, augmented as in training) — e.g. after pruning.
+
+    With the training augmentation, not without it: the network's BatchNorm layers were trained
+    on the statistics of augmented (zero-padded, cropped) images; on ResNet-20 / CIFAR-10,
+    re-estimating them from un-augmented images cost 6 points on an unpruned model.
+    """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
@@ -299,7 +307,7 @@ def recalibrate_bn(model: nn.Module, data: ImageData, batches: int = 20,
         m.momentum = None
     model.train()
     dev = next(model.parameters()).device
-    for i, (x, _) in enumerate(data.batches(batch_size, shuffle=True, seed=1, augment=False)):
+    for i, (x, _) in enumerate(data.batches(batch_size, shuffle=True, seed=1)):
         if i >= batches:
             break
         model(x.to(dev))

@@ -108,8 +108,9 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     history = train(model, method, tr, te, tcfg, rundir, resume=resume, progress=progress,
                     lr_scale=scale)
     sweep_file = rundir / "sweep.json"
-    key = {"bn_recalibrate": cfg.bn_recalibrate, "test_size": len(te), "epochs": tcfg.epochs,
-           "levels": levels}
+    # the recalibration recipe is part of the key: results of an older recipe are recomputed
+    key = {"bn_recalibrate": "train-augmentation" if cfg.bn_recalibrate else False,
+           "test_size": len(te), "epochs": tcfg.epochs, "levels": levels}
     if sweep_file.exists():
         cached = json.loads(sweep_file.read_text())
         if cached.get("key") == key:
