@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mirrorprune.methods import create_method
+from mirrorprune.methods import Method, create_method
 from mirrorprune.train import TrainConfig, train
 from test_methods import _net, _tiny_data
 
@@ -64,42 +64,45 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
               TrainConfig(epochs=1, batch_size=16), progress=False)
 
 
+class _Corrupt(Method):
+    """Dense training that breaks a parameter after optimizer step `at` (fault injection)."""
+
+    def __init__(self, at, corrupt):
+        super().__init__()
+        self.at, self.corrupt = at, corrupt
+
+    def after_step(self):
+        super().after_step()
+        if self.step_count == self.at:
+            with torch.no_grad():
+                self.corrupt(self.model)
+
+
+def _train_until_fault(tmp_path, model, at, corrupt, match):
+    with pytest.raises(FloatingPointError, match=match):
+        train(model, _Corrupt(at, corrupt), _tiny_data(), None,
+              TrainConfig(epochs=3, batch_size=16), tmp_path, progress=False)
+    return torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+
+
 def test_non_finite_weight_names_the_layer_and_keeps_the_checkpoint(tmp_path):
-    from mirrorprune.methods import Method
-
-    class Blowup(Method):  # a weight turns inf after the first step of epoch 2
-        def after_step(self):
-            super().after_step()
-            if self.step_count == 5:
-                with torch.no_grad():
-                    self.model[4].weight[0, 0] = float("inf")
-
-    model = _net()
-    with pytest.raises(FloatingPointError, match=r"epoch 2, step 5 of dense \(non-finite values "
-                       r"in 4.weight\); last good checkpoint: .*checkpoint.pt"):
-        train(model, Blowup(), _tiny_data(), None, TrainConfig(epochs=3, batch_size=16),
-              tmp_path, progress=False)
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    # a weight turns inf after the first step of epoch 2
+    ck = _train_until_fault(
+        tmp_path, _net(), 5, lambda m: m[4].weight.__setitem__((0, 0), float("inf")),
+        r"epoch 2, step 5 of dense \(non-finite values in 4.weight\); last good checkpoint: "
+        r".*checkpoint.pt")
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
 def test_non_finite_weight_the_loss_does_not_see_stops_before_the_checkpoint(tmp_path):
-    from mirrorprune.methods import Method
-
-    class Unused(Method):  # a parameter outside the forward pass turns nan in epoch 2
-        def after_step(self):
-            super().after_step()
-            if self.step_count == 6:
-                with torch.no_grad():
-                    self.model.extra.fill_(float("nan"))
-
+    # a parameter outside the forward pass turns nan in epoch 2
     model = _net()
     model.extra = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(FloatingPointError, match=r"non-finite weights at epoch 2, step 8 of "
-                       r"dense \(non-finite values in extra\); last good checkpoint"):
-        train(model, Unused(), _tiny_data(), None, TrainConfig(epochs=3, batch_size=16),
-              tmp_path, progress=False)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    ck = _train_until_fault(
+        tmp_path, model, 6, lambda m: m.extra.fill_(float("nan")),
+        r"non-finite weights at epoch 2, step 8 of dense \(non-finite values in extra\); "
+        r"last good checkpoint")
+    assert ck["epoch"] == 1
 
 
 def test_lr_schedules():
