@@ -126,7 +126,6 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    import os
     import platform
 
     import torch

@@ -205,8 +205,8 @@ def train(
             seen += len(y)
             step += 1
         loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen], world)
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:  # e.g. a parameter the loss does not see: never checkpoint it
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            # e.g. a parameter the loss does not see: never checkpoint it
             raise FloatingPointError(_nonfinite_message(torch.tensor(loss_sum), model, method,
                                                         epoch, step, ckpt_path))
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,

@@ -73,6 +73,11 @@ def _method(cfg: IterativeConfig) -> Method:
     return Pilot(alpha=cfg.alpha, beta=cfg.beta) if cfg.pilot else Method()
 
 
+def _seed_config(config: dict) -> dict:
+    """A seed's run does not depend on the seed count: more seeds can join a finished run."""
+    return {k: v for k, v in config.items() if k != "seeds"}
+
+
 def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list[dict]:
     p = oneshot_preset(cfg.preset, cfg.dataset, cfg.model)
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)
@@ -83,13 +88,12 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list
     state_path = sdir / "state.pt"
     torch.manual_seed(seed)
     init = create_model(cfg.model, 10, tr.shape).state_dict()
-    # the seed count is not part of a seed's run: more seeds can be added to a finished one
-    mine = {k: v for k, v in asdict(cfg).items() if k != "seeds"}
+    mine = _seed_config(asdict(cfg))
     state = {"config": mine, "done": 0, "rows": [], "masks": None,
              "start": copy.deepcopy(init), "start_wrapped": None, "rewind": None}
     if state_path.exists():
         saved = torch.load(state_path, weights_only=False)
-        if {k: v for k, v in saved["config"].items() if k != "seeds"} != mine:
+        if _seed_config(saved["config"]) != mine:
             raise ValueError(f"{state_path} belongs to another configuration; use another --out")
         state = saved
     for cycle in range(state["done"], cfg.cycles + 1):
