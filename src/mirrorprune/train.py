@@ -296,7 +296,9 @@ def recalibrate_bn(model: nn.Module, data: ImageData, batches: int = 20,
 
     With the training augmentation, not without it: the network's BatchNorm layers were trained
     on the statistics of augmented (zero-padded, cropped) images; on ResNet-20 / CIFAR-10,
-    re-estimating them from un-augmented images cost 6 points on an unpruned model.
+    re-estimating them from un-augmented images cost GMP's 90%-sparse model, which pruning
+    does not change, 6 points (57.8% vs 63.7%, results/oneshot-cifar10-bnrecal before and
+    after this change).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
