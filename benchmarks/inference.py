@@ -3,20 +3,24 @@
 
 Models: LeNet-300-100, a wide MLP (4096-4096-4096-10) and ResNet-20, pruned globally by
 magnitude to 90/95/98% (random weights: latency does not depend on their values), at batch 1
-and 64. Dense and sparse calls are interleaved and the median of each is reported, with the
-speedup = dense / sparse. The crossover part times one 4096x4096 and one 300x784 layer at
-sparsities 50..99%.
+and 64, with each thread count in --threads (default: torch's). Dense and sparse calls are
+interleaved and the median of each is reported, with the speedup = dense / sparse. The
+crossover part times one 4096x4096 and one 300x784 layer at sparsities 50..99% (first thread
+count).
 
-    python benchmarks/inference.py --out benchmarks/results/inference
+    python benchmarks/inference.py --threads 2,1 --out benchmarks/results/inference
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from torch import nn
 import mirrorprune as mp
 from mirrorprune.models import lenet_300_100, mlp, resnet20
 from mirrorprune.provenance import provenance
+from mirrorprune.sparse import SparseLinear, gather_product
 
 MODELS = {
     "lenet_300_100": (lambda: lenet_300_100(10, 784), (1, 28, 28)),
@@ -34,7 +39,7 @@ MODELS = {
 
 
 @torch.inference_mode()
-def latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int, reps: int
+def latency(a: Callable, b: Callable, x: torch.Tensor, rounds: int, reps: int
             ) -> tuple[float, float]:
     """Median seconds per call of a and b, interleaved."""
     for _ in range(3):
@@ -49,7 +54,7 @@ def latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int, reps: int
     return statistics.median(ta), statistics.median(tb)
 
 
-def reps_for(model: nn.Module, x: torch.Tensor) -> int:
+def reps_for(model: Callable, x: torch.Tensor) -> int:
     """Enough calls per timed round for ~20 ms."""
     with torch.inference_mode():
         t = time.perf_counter()
@@ -58,15 +63,40 @@ def reps_for(model: nn.Module, x: torch.Tensor) -> int:
     return max(1, min(200, int(0.02 / max(dt, 1e-6))))
 
 
+@torch.inference_mode()
+def kernel_table(batches: tuple[int, ...], rounds: int) -> list[dict]:
+    """torch's CSR product vs `gather_product` on one layer's W @ xᵀ: the rule behind
+    `mirrorprune.sparse.EBAG_MIN_BATCH`."""
+    out = []
+    for n_out, n_in in ((300, 784), (1024, 1024), (4096, 4096)):
+        for s in (0.8, 0.95, 0.98):
+            torch.manual_seed(0)
+            w = torch.randn(n_out, n_in)
+            csr = SparseLinear(w * (torch.rand_like(w) >= s)).weight
+            by_csr = functools.partial(torch.sparse.mm, csr)
+            by_gather = functools.partial(gather_product, csr)
+            for bs in batches:
+                xt = torch.randn(n_in, bs)
+                t_csr, t_gather = latency(by_csr, by_gather, xt, rounds, reps_for(by_csr, xt))
+                out.append({"layer": f"{n_out}x{n_in}", "sparsity": s, "batch": bs,
+                            "csr_over_gather": t_csr / t_gather})
+                print(f"kernel {n_out}x{n_in} {s:.0%} batch {bs:3d}: CSR / gather "
+                      f"{t_csr / t_gather:5.2f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--sparsities", default="0.9,0.95,0.98")
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--threads", default=str(torch.get_num_threads()))
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--out", default="benchmarks/results/inference")
     a = ap.parse_args()
     rows, cross, sizes = [], [], []
+    thread_counts = [int(v) for v in a.threads.split(",")]
+    batches = [int(v) for v in a.batches.split(",")]
     for name in a.models.split(","):
         factory, shape = MODELS[name]
         torch.manual_seed(0)
@@ -80,39 +110,43 @@ def main() -> None:
                 sizes.append({"model": name, "sparsity": s,
                               "dense_bytes": (Path(tmp) / "dense.pt").stat().st_size,
                               "sparse_bytes": mp.save_sparse(dense, Path(tmp) / "sparse.pt")})
-            for bs in (int(v) for v in a.batches.split(",")):
+            for threads, bs in itertools.product(thread_counts, batches):
+                torch.set_num_threads(threads)
                 x = torch.randn(bs, *shape)
                 err = (sparse(x) - dense(x)).abs().max().item()
                 td, ts = latency(dense, sparse, x, a.rounds, reps_for(dense, x))
-                row = {"model": name, "sparsity": s, "batch": bs, "dense_ms": 1e3 * td,
-                       "sparse_ms": 1e3 * ts, "speedup": td / ts, "sparse_layers": n_sparse,
-                       "max_abs_diff": err}
+                row = {"model": name, "sparsity": s, "threads": threads, "batch": bs,
+                       "dense_ms": 1e3 * td, "sparse_ms": 1e3 * ts, "speedup": td / ts,
+                       "sparse_layers": n_sparse, "max_abs_diff": err}
                 rows.append(row)
-                print(f"{name:14s} {s:.0%} batch {bs:3d}: dense {1e3 * td:8.3f} ms  sparse "
-                      f"{1e3 * ts:8.3f} ms  speedup {td / ts:5.2f}x  (max |diff| {err:.1e})",
-                      flush=True)
+                print(f"{name:14s} {s:.0%} {threads} thr batch {bs:3d}: dense {1e3 * td:8.3f} "
+                      f"ms  sparse {1e3 * ts:8.3f} ms  speedup {td / ts:5.2f}x  "
+                      f"(max |diff| {err:.1e})", flush=True)
+    torch.set_num_threads(thread_counts[0])
     for n_out, n_in in ((4096, 4096), (300, 784)):
         for s in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
             torch.manual_seed(0)
             layer_model = mp.prune(nn.Sequential(nn.Linear(n_in, n_out)), s)
             sparse = mp.export_sparse(layer_model, min_sparsity=0.0)
-            for bs in (int(v) for v in a.batches.split(",")):
+            for bs in batches:
                 x = torch.randn(bs, n_in)
                 td, ts = latency(layer_model, sparse, x, a.rounds, reps_for(layer_model, x))
                 cross.append({"layer": f"{n_out}x{n_in}", "sparsity": s, "batch": bs,
                               "speedup": td / ts})
                 print(f"layer {n_out}x{n_in} {s:.0%} batch {bs:3d}: speedup {td / ts:5.2f}x",
                       flush=True)
+    kernels = kernel_table(batches=(1, 4, 8, 16, 32, 64, 256), rounds=a.rounds)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"args": vars(a), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "provenance": provenance()}
+    meta = {"args": vars(a), "torch": torch.__version__, "provenance": provenance()}
     (out / "inference.json").write_text(json.dumps(
-        {"meta": meta, "rows": rows, "crossover": cross, "file_sizes": sizes}, indent=1))
-    lines = ["| model | sparsity | batch | dense ms | sparse ms | speedup |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']:.3f} | "
-              f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x |" for r in rows]
+        {"meta": meta, "rows": rows, "crossover": cross, "kernels": kernels,
+         "file_sizes": sizes}, indent=1))
+    lines = ["| model | sparsity | threads | batch | dense ms | sparse ms | speedup |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['sparsity']:.0%} | {r['threads']} | {r['batch']} | "
+              f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x |"
+              for r in rows]
     lines += ["", "| layer | batch | " + " | ".join(
         f"{s:.0%}" for s in sorted({c['sparsity'] for c in cross})) + " |",
         "|---|---|" + "---|" * len({c["sparsity"] for c in cross})]
@@ -121,14 +155,23 @@ def main() -> None:
             cells = [f"{c['speedup']:.2f}x" for c in cross
                      if c["layer"] == layer and c["batch"] == bs]
             lines.append(f"| {layer} | {bs} | " + " | ".join(cells) + " |")
+    kb = list(dict.fromkeys(k["batch"] for k in kernels))
+    lines += ["", "CSR product time / gather time (> 1: the gather kernel is faster):", "",
+              "| layer | sparsity | " + " | ".join(f"batch {b}" for b in kb) + " |",
+              "|---|---|" + "---|" * len(kb)]
+    for key in dict.fromkeys((k["layer"], k["sparsity"]) for k in kernels):
+        cells = [f"{k['csr_over_gather']:.2f}" for k in kernels
+                 if (k["layer"], k["sparsity"]) == key]
+        lines.append(f"| {key[0]} | {key[1]:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "| model | sparsity | torch.save | save_sparse | ratio |",
               "|---|---|---|---|---|"]
     lines += [f"| {z['model']} | {z['sparsity']:.0%} | {z['dense_bytes'] / 1e6:.2f} MB | "
               f"{z['sparse_bytes'] / 1e6:.3f} MB | {z['dense_bytes'] / z['sparse_bytes']:.1f}x |"
               for z in sizes]
     (out / "inference.md").write_text(
-        f"CPU latency, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"`python benchmarks/inference.py` (median of {a.rounds} interleaved rounds).\n\n"
+        f"CPU latency, torch {torch.__version__}; `python benchmarks/inference.py "
+        f"--threads {a.threads} --rounds {a.rounds}` (median of interleaved rounds; crossover "
+        f"table with {thread_counts[0]} threads).\n\n"
         + "\n".join(lines) + "\n")
 
 

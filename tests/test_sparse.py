@@ -11,7 +11,10 @@ def _sparse_lenet(sparsity=0.95, seed=0):
     return mp.prune(lenet_300_100(10, 784), sparsity, scope="layer")
 
 
-@pytest.mark.parametrize("batch", [1, 7, 64])
+EBAG = mp.sparse.EBAG_MIN_BATCH  # from here on the gather kernel, below it the CSR product
+
+
+@pytest.mark.parametrize("batch", [1, 7, EBAG - 1, EBAG, 64])
 def test_export_sparse_same_outputs(batch):
     model = _sparse_lenet().eval()
     sparse = mp.export_sparse(model)
@@ -20,6 +23,45 @@ def test_export_sparse_same_outputs(batch):
     x = torch.randn(batch, 1, 28, 28)
     torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
     assert "sparsity=0.950" in repr(sparse)
+
+
+@pytest.mark.parametrize("batch", [3, 40])  # the CSR product and the gather kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_linear_shapes_dtypes_and_edge_cases(batch, dtype):
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = mp.prune(nn.Sequential(nn.Linear(30, 20, bias=bias)), 0.9)[0].to(dtype)
+        sparse = mp.SparseLinear.from_linear(layer)
+        x = torch.randn(batch, 5, 30, dtype=dtype)  # leading dims are kept, like nn.Linear
+        y = sparse(x)
+        assert y.shape == (batch, 5, 20) and y.dtype == dtype and y.is_contiguous()
+        torch.testing.assert_close(y, layer(x))
+    empty = mp.SparseLinear(torch.zeros(4, 6, dtype=dtype), torch.arange(4, dtype=dtype))
+    torch.testing.assert_close(empty(torch.randn(batch, 6, dtype=dtype)),
+                               torch.arange(4, dtype=dtype).expand(batch, 4))
+
+
+@pytest.mark.parametrize("batch", [2, 64])
+def test_sparse_chain_hands_over_transposed_activations(batch):
+    torch.manual_seed(0)
+    model = mp.prune(nn.Sequential(
+        nn.Linear(40, 30), nn.ReLU(), nn.Dropout(0.5), nn.Linear(30, 20), nn.Tanh(),
+        nn.Linear(20, 10), nn.LayerNorm(10), nn.Linear(10, 5)), 0.85, scope="layer").eval()
+    sparse = mp.export_sparse(model)
+    flags = [m.transposed_output for m in sparse if isinstance(m, mp.SparseLinear)]
+    # into a sparse layer through elementwise modules only: yes; into LayerNorm or out: no
+    assert flags == [True, True, False, False]
+    x = torch.randn(batch, 40)
+    y = sparse(x)
+    torch.testing.assert_close(y, model(x))
+    assert y.is_contiguous() and y.view(-1).shape == (batch * 5,)
+    # a subclass of Sequential may route data its own way: left contiguous
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+    res = mp.export_sparse(mp.prune(Residual(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), 0.85,
+                                    scope="layer"))
+    assert [m.transposed_output for m in res if isinstance(m, mp.SparseLinear)] == [False, False]
 
 
 def test_export_sparse_keeps_dense_layers_and_refuses_wrapped():

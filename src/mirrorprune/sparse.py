@@ -1,12 +1,20 @@
 """Sparse export that pays off: Linear layers computing with a CSR weight, and compressed
 checkpoints (bitmask + non-zero values) that round-trip exactly.
 
-Which layers become sparse is a measured rule: on CPU a CSR matrix product beats the dense one
-only once the weight is sparse enough — from 80% on for a 4096x4096 layer at batch 1 and 64,
-while at 70% they tie and below that dense wins (benchmarks/results/inference) — and, for small
-layers at small batches, not even then; `export_sparse(..., example_input=x)` therefore times
-each candidate layer on its real input and keeps the faster form. Convolutions stay dense:
-PyTorch has no sparse convolution kernel.
+Which layers become sparse is a measured rule: on CPU the sparse product beats the dense one
+only once the weight is sparse enough — for a 4096x4096 layer from 80% at batch 1 (from 60% at
+batch 64), below that dense wins (benchmarks/results/inference) — and, for small layers at
+small batches, hardly ever; `export_sparse(..., example_input=x)` therefore times each candidate
+layer on its real input and keeps the faster form. Convolutions stay dense: PyTorch has no
+sparse convolution kernel.
+
+The kernel: a sparse layer computes yᵀ = W xᵀ. From `EBAG_MIN_BATCH` rows on it gathers the
+rows of xᵀ that each output needs and sums them weighted (`gather_product`: `embedding_bag`
+over the CSR arrays), vectorized over the batch and 1.6-5x faster than torch's CSR product at
+batch 32-256; below that it calls the CSR product (`torch.sparse.mm`), faster there on most
+layers. Both need xᵀ contiguous: that transpose is the one overhead, so inside an nn.Sequential
+a sparse layer feeding another one (through elementwise modules only) hands over its output
+untransposed.
 """
 
 from __future__ import annotations
@@ -19,19 +27,33 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .files import save_torch
 from .reparam import find_mirror_weights
 
-# Measured on 2 CPU cores (benchmarks/results/inference): CSR pays from about this sparsity on.
+# Measured on 2 CPU cores (benchmarks/results/inference): sparse pays from about this sparsity on.
 MIN_SPARSITY = 0.8
+# Batch from which `gather_product` beats torch's CSR product (benchmarks/results/inference,
+# kernel table: 300x784, 1024x1024 and 4096x4096 layers at 80-98% sparsity).
+EBAG_MIN_BATCH = 16
+# Modules that apply elementwise and keep their input's memory layout: a transposed activation
+# passes through them unchanged (torch preserves strides of dense tensors in unary ops).
+_LAYOUT_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+                   nn.ELU, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Dropout, nn.Identity)
 FORMAT = "mirrorprune-sparse-v1"
 
 
 class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W held as a CSR tensor (the same outputs as the nn.Linear it replaces,
-    up to float summation order)."""
+    up to float summation order).
+
+    `transposed_output=True` returns y as a transposed (non-contiguous) view — what the next
+    SparseLinear wants as input; `export_sparse` sets it only where it knows the consumer.
+    """
+
+    transposed_output: bool = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -49,18 +71,30 @@ class SparseLinear(nn.Module):
         return cls(layer.weight, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        # (W @ xᵀ)ᵀ: torch's CSR kernels take the sparse operand on the left
-        y = torch.sparse.mm(self.weight, flat.t()).t()
+        # xᵀ contiguous (free when x is a transposed output of the previous SparseLinear)
+        xt = x.reshape(-1, self.in_features).t().contiguous()
+        if xt.shape[1] >= EBAG_MIN_BATCH:
+            y = gather_product(self.weight, xt)
+        else:
+            y = torch.sparse.mm(self.weight, xt)
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias.unsqueeze(1))  # y is fresh: in place is safe
+        y = y.t() if self.transposed_output else y.t().contiguous()
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         nnz = self.weight.values().numel()
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, "
-                f"sparsity={1 - nnz / (self.in_features * self.out_features):.3f}")
+                f"sparsity={1 - nnz / (self.in_features * self.out_features):.3f}"
+                + (", transposed_output=True" if self.transposed_output else ""))
+
+
+def gather_product(csr: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """W @ xᵀ for a CSR W and a contiguous xᵀ: output row i = Σ_k values[k] · xᵀ[col[k]] over
+    row i's CSR segment, each term a whole row of xᵀ (vectorized over the batch)."""
+    return F.embedding_bag(csr.col_indices(), xt, csr.crow_indices(), mode="sum",
+                           per_sample_weights=csr.values(), include_last_offset=True)
 
 
 def export_sparse(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
@@ -91,7 +125,24 @@ def export_sparse(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
                   if id(c) in inputs and _sparse_is_faster(c, inputs[id(c)])]
     for mod, name, child in chosen:
         setattr(mod, name, SparseLinear.from_linear(child))
+    _chain_transposed(out)
     return out
+
+
+def _chain_transposed(model: nn.Module) -> None:
+    """Inside a plain nn.Sequential (whose data flow is known), let a SparseLinear whose output
+    reaches another SparseLinear through layout-keeping modules only skip transposing back:
+    the next one would transpose it again."""
+    for seq in model.modules():
+        if type(seq) is not nn.Sequential:  # subclasses may route data differently
+            continue
+        mods = list(seq)
+        for i, m in enumerate(mods):
+            if isinstance(m, SparseLinear):
+                j = i + 1
+                while j < len(mods) and type(mods[j]) in _LAYOUT_KEEPING:
+                    j += 1
+                m.transposed_output = j < len(mods) and isinstance(mods[j], SparseLinear)
 
 
 @torch.no_grad()
