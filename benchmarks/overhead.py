@@ -3,8 +3,10 @@
 For each model, dense and PILoT steps (forward, backward, PILoT's decay, SGD-momentum update)
 are timed in interleaved rounds, so machine noise hits both alike; the reported ratio is the
 median over rounds of (PILoT round time / dense round time). Memory: the exact bytes of
-parameters + gradients + optimizer state of each variant, and the peak resident memory a fresh
-process adds while training (ru_maxrss, CPU) or torch.cuda.max_memory_allocated (GPU).
+parameters + gradients + optimizer state of each variant; the peak of all bytes torch holds
+during one training step (the state at its start plus the running sum of the profiler's
+allocations and frees, per op; CPU); and the peak resident memory a fresh process adds while
+training (ru_maxrss, CPU; coarse, allocator-dependent) or torch.cuda.max_memory_allocated (GPU).
 
     python benchmarks/overhead.py --out benchmarks/results/overhead
 """
@@ -82,6 +84,24 @@ def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
                              if isinstance(t, torch.Tensor))}
 
 
+def step_peak_bytes(model, opt, pilot, x, y) -> int:
+    """Peak of the bytes torch holds during one step (CPU), at op granularity: what is alive at
+    its start (parameters and optimizer state; last step's gradients are freed first, as the
+    step's zero_grad would, because the profiler cannot see frees of blocks allocated before it
+    started) plus the highest running sum, in start-time order, of each profiler event's own
+    allocations minus frees."""
+    opt.zero_grad(set_to_none=True)
+    start = sum(state_bytes(model, opt).values())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        step(model, opt, pilot, x, y)
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return start + peak
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -105,6 +125,9 @@ def time_case(case: str, device: str, rounds: int, steps: int) -> dict:
     ratios = [p / d for p, d in zip(times["pilot"], times["dense"])]
     copy = sum(mw.m.numel() * mw.m.element_size() for mw in runs["pilot"][2].weights)
     dense, pilot = (state_bytes(runs[v][0], runs[v][1]) for v in ("dense", "pilot"))
+    if device == "cpu":
+        dense["step_peak"], pilot["step_peak"] = (step_peak_bytes(*runs[v])
+                                                  for v in ("dense", "pilot"))
     return {"case": case, "dense_ms": 1e3 * statistics.median(times["dense"]),
             "pilot_ms": 1e3 * statistics.median(times["pilot"]),
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
@@ -169,7 +192,8 @@ def main() -> None:
               f"ratio {row['ratio_median']:.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]"
               f"  extra copies of the wrapped weights ({mib['reparametrized_bytes']:.1f} MiB): "
               + ", ".join(f"{k} {row[f'extra_{k}_copies']:+.2f}"
-                          for k in ("params", "grads", "optimizer"))
+                          for k in ("params", "grads", "optimizer", "step_peak")
+                          if f"extra_{k}_copies" in row)
               + f"  peak +{mib['dense_peak_bytes']:.0f} / +{mib['pilot_peak_bytes']:.0f} MiB",
               flush=True)
     out = Path(a.out)
