@@ -15,7 +15,6 @@ every target; PILoT's target controller is trained once per target.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mirrorprune.data import ImageData, load
+from mirrorprune.files import write_json, write_rows
 from mirrorprune.methods import create_method
 from mirrorprune.models import create_model
 from mirrorprune.provenance import provenance
@@ -80,12 +80,8 @@ def main() -> None:
                        "A": log[-1].get("A", float("nan"))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / f"{a.method}.json").write_text(json.dumps(
-        {"args": vars(a), "provenance": provenance()}, indent=1))
+    write_rows(path, rows)
+    write_json(out / f"{a.method}.json", {"args": vars(a), "provenance": provenance()})
 
 
 if __name__ == "__main__":

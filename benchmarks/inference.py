@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 import mirrorprune as mp
+from mirrorprune.files import write_json, write_text
 from mirrorprune.models import lenet_300_100, mlp, resnet20
 from mirrorprune.provenance import provenance
 from mirrorprune.sparse import SparseLinear, gather_product
@@ -66,7 +66,7 @@ def reps_for(model: Callable, x: torch.Tensor) -> int:
 @torch.inference_mode()
 def kernel_table(batches: tuple[int, ...], rounds: int) -> list[dict]:
     """torch's CSR product vs `gather_product` on one layer's W @ xᵀ: the rule behind
-    `mirrorprune.sparse.EBAG_MIN_BATCH`."""
+    `mirrorprune.sparse.GATHER_MIN_BATCH`."""
     out = []
     for n_out, n_in in ((300, 784), (1024, 1024), (4096, 4096)):
         for s in (0.8, 0.95, 0.98):
@@ -139,9 +139,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(a), "torch": torch.__version__, "provenance": provenance()}
-    (out / "inference.json").write_text(json.dumps(
-        {"meta": meta, "rows": rows, "crossover": cross, "kernels": kernels,
-         "file_sizes": sizes}, indent=1))
+    write_json(out / "inference.json", {"meta": meta, "rows": rows, "crossover": cross,
+                                        "kernels": kernels, "file_sizes": sizes})
     lines = ["| model | sparsity | threads | batch | dense ms | sparse ms | speedup |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['sparsity']:.0%} | {r['threads']} | {r['batch']} | "
@@ -168,7 +167,8 @@ def main() -> None:
     lines += [f"| {z['model']} | {z['sparsity']:.0%} | {z['dense_bytes'] / 1e6:.2f} MB | "
               f"{z['sparse_bytes'] / 1e6:.3f} MB | {z['dense_bytes'] / z['sparse_bytes']:.1f}x |"
               for z in sizes]
-    (out / "inference.md").write_text(
+    write_text(
+        out / "inference.md",
         f"CPU latency, torch {torch.__version__}; `python benchmarks/inference.py "
         f"--threads {a.threads} --rounds {a.rounds}` (median of interleaved rounds; crossover "
         f"table with {thread_counts[0]} threads).\n\n"

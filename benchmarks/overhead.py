@@ -14,7 +14,6 @@ training (ru_maxrss, CPU; coarse, allocator-dependent) or torch.cuda.max_memory_
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp_
 import platform
 import resource
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import mirrorprune as mp
+from mirrorprune.files import write_json
 from mirrorprune.models import lenet_300_100, resnet20
 from mirrorprune.provenance import provenance
 
@@ -200,7 +200,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(a), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "provenance": provenance()}
-    (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_json(out / "overhead.json", {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

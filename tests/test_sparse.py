@@ -11,10 +11,10 @@ def _sparse_lenet(sparsity=0.95, seed=0):
     return mp.prune(lenet_300_100(10, 784), sparsity, scope="layer")
 
 
-EBAG = mp.sparse.EBAG_MIN_BATCH  # from here on the gather kernel, below it the CSR product
+GATHER = mp.sparse.GATHER_MIN_BATCH  # from here on the gather kernel, below it the CSR product
 
 
-@pytest.mark.parametrize("batch", [1, 7, EBAG - 1, EBAG, 64])
+@pytest.mark.parametrize("batch", [1, 7, GATHER - 1, GATHER, 64])
 def test_export_sparse_same_outputs(batch):
     model = _sparse_lenet().eval()
     sparse = mp.export_sparse(model)

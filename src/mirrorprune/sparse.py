@@ -8,7 +8,7 @@ small batches, hardly ever; `export_sparse(..., example_input=x)` therefore time
 layer on its real input and keeps the faster form. Convolutions stay dense: PyTorch has no
 sparse convolution kernel.
 
-The kernel: a sparse layer computes yᵀ = W xᵀ. From `EBAG_MIN_BATCH` rows on it gathers the
+The kernel: a sparse layer computes yᵀ = W xᵀ. From `GATHER_MIN_BATCH` rows on it gathers the
 rows of xᵀ that each output needs and sums them weighted (`gather_product`: `embedding_bag`
 over the CSR arrays), vectorized over the batch and 1.6-5x faster than torch's CSR product at
 batch 32-256; below that it calls the CSR product (`torch.sparse.mm`), faster there on most
@@ -37,7 +37,7 @@ from .reparam import find_mirror_weights
 MIN_SPARSITY = 0.8
 # Batch from which `gather_product` beats torch's CSR product (benchmarks/results/inference,
 # kernel table: 300x784, 1024x1024 and 4096x4096 layers at 80-98% sparsity).
-EBAG_MIN_BATCH = 16
+GATHER_MIN_BATCH = 16
 # Modules that apply elementwise and keep their input's memory layout: a transposed activation
 # passes through them unchanged (torch preserves strides of dense tensors in unary ops).
 _LAYOUT_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
@@ -73,7 +73,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # xᵀ contiguous (free when x is a transposed output of the previous SparseLinear)
         xt = x.reshape(-1, self.in_features).t().contiguous()
-        if xt.shape[1] >= EBAG_MIN_BATCH:
+        if xt.shape[1] >= GATHER_MIN_BATCH:
             y = gather_product(self.weight, xt)
         else:
             y = torch.sparse.mm(self.weight, xt)
@@ -100,10 +100,10 @@ def gather_product(csr: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
 def export_sparse(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
                   example_input: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
     """A copy of a plain (finalized) model in which every nn.Linear with at least `min_sparsity`
-    exact zeros computes with a CSR weight (`SparseLinear`); other layers are left as they are.
+    exact zeros becomes a `SparseLinear` (CSR weight); other layers are left as they are.
 
     With `example_input` (a batch like the ones you will serve), each such layer is also timed
-    dense and sparse on the input it receives, and only those where CSR is faster are replaced:
+    dense and sparse on the input it receives, and only those where sparse is faster are replaced:
     small layers at batch 1 often are not (benchmarks/results/inference). For inference: the
     sparse layers hold buffers, not trainable parameters.
     """
