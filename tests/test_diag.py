@@ -30,12 +30,12 @@ def test_small_diag_experiment_recovers_ground_truth_and_matches_theory(tmp_path
     assert header == "method,schedule,init,seed,step,t,error"
 
 
-def test_sgd_mode_and_validation(tmp_path):
+def test_sgd_mode_and_validation(tmp_path, capsys):
     cfg = diag.DiagConfig(n=20, d=10, k=2, inits=1, steps=300, lr=0.05, sgd_batch=3,
                           sgd_seeds=2, records=20)
     sim = diag.simulate(cfg, diag.make_problem(cfg), progress=False)
     assert len(sim["runs"]) == 4 * 7 * 1 * 2 and sim["traj"].shape[0] == len(sim["runs"])
     with pytest.raises(ValueError, match="sgd-batch"):
         diag.DiagConfig(d=10, sgd_batch=11).validate()
-    with pytest.raises(SystemExit, match="k <= n"):
-        main(["diag", "--out", str(tmp_path), "--k", "500"])
+    assert main(["diag", "--out", str(tmp_path), "--k", "500"]) == 2
+    assert "k <= n" in capsys.readouterr().err

@@ -54,7 +54,8 @@ def test_each_method_trains_and_exports_a_plain_model_with_exact_sparsity(name):
 
 def test_method_specific_behaviour():
     assert create_method("pilot").uses_mw and not create_method("dense").uses_mw
-    with pytest.raises(ValueError, match="unknown hyperparameter.*alpha \\(default"):
+    with pytest.raises(ValueError,
+                       match=r"unknown hyperparameter.*alpha \(float >= 0, default 0.001\)"):
         create_method("pilot", alpah=1.0)
     with pytest.raises(ValueError, match="unknown method 'prune'; choose one of dense"):
         create_method("prune")

@@ -128,9 +128,9 @@ def test_include_exclude_selection():
     ({"exclude": ("fc*",)}, "exclude pattern 'fc\\*' matches no module"),
     ({"include": ["nope"]}, "include pattern 'nope' matches no module"),
     ({"include": [3]}, "include entries"),
-    ({"beta": -1.0}, "beta must be >= 0"),
-    ({"beta": float("nan")}, "beta must be a finite number"),
-    ({"schedule": -1e-3}, "must be >= 0"),
+    ({"beta": -1.0}, r"beta \(m0² − w0²; paper: 1.0\) must be a finite number >= 0"),
+    ({"beta": float("nan")}, "beta .*must be a finite number"),
+    ({"schedule": -1e-3}, "alpha must be a finite number >= 0"),
     ({"schedule": "geometric"}, "schedule must be"),
 ])
 def test_invalid_arguments_name_the_problem(kwargs, match):

@@ -27,7 +27,7 @@ def test_state_dict_round_trip_and_mismatch():
 @pytest.mark.parametrize("make, match", [
     (lambda: S.Constant(-1), ">= 0"),
     (lambda: S.Harmonic(float("inf")), "finite"),
-    (lambda: S.Geometric(1e-3, p=1.0), r"p must be in \(0, 1\)"),
+    (lambda: S.Geometric(1e-3, p=1.0), r"p \(paper: 0.95\) must be a finite number in \(0, 1\)"),
     (lambda: S.Every(S.Constant(1), 0), "n must be an int >= 1"),
     (lambda: S.OffAfter(S.Constant(1), -1), "step must be an int >= 0"),
     (lambda: S.OffAfter(lambda k: 1.0, 3), "Schedule"),

@@ -122,5 +122,5 @@ def test_save_load_sparse_round_trip_is_exact_and_small(tmp_path):
     csr = mp.load_sparse(tmp_path / "csr.pt")
     assert all(torch.equal(csr[k], v) for k, v in model.state_dict().items())
     torch.save({"x": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a mirrorprune sparse checkpoint"):
+    with pytest.raises(ValueError, match="not a sparse file written by mirrorprune.save_sparse"):
         mp.load_sparse(tmp_path / "other.pt")

@@ -9,6 +9,9 @@ import os
 import sys
 from dataclasses import replace
 
+from .errors import UsageError
+from .files import write_json
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .experiments import demo
@@ -25,8 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(out["report"])
     print(f"\n{out['seconds']:.1f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**out, "report": out["report"].as_dicts()}, f, indent=1)
+        write_json(args.json, {**out, "report": out["report"].as_dicts()})
     return 0
 
 
@@ -36,7 +38,7 @@ def _diag(args: argparse.Namespace) -> int:
     cfg = diag.DiagConfig(n=args.n, d=args.d, k=args.k, inits=args.inits, seed=args.seed,
                           steps=args.steps, lr=args.lr, sgd_batch=args.sgd_batch,
                           l1_step=args.l1_step, records=args.records)
-    _validate(cfg, "diag")
+    cfg.validate()
     result = diag.run(cfg, args.out, progress=not args.quiet)
     for meth, best in result["methods"].items():
         print(f"{meth:<12} best {best['best_schedule']:<12} final ‖x − x*‖ = "
@@ -44,14 +46,6 @@ def _diag(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/results.json, trajectories.csv, {', '.join(result['figures'])}")
     print(json.dumps(diag.headline(result)))
     return 0
-
-
-def _validate(cfg, command: str) -> None:
-    """Bad options end the command with one clear line instead of a traceback."""
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"mirrorprune {command}: {e}") from None
 
 
 def _parse_hparams(items: list[str]) -> dict[str, dict]:
@@ -62,8 +56,10 @@ def _parse_hparams(items: list[str]) -> dict[str, dict]:
         key, sep, value = item.partition("=")
         method, dot, name = key.partition(".")
         if not sep or not dot:
-            raise SystemExit(f"--hp expects METHOD.NAME=VALUE (e.g. pilot.alpha=1e-3), "
+            raise UsageError(f"--hp expects METHOD.NAME=VALUE (e.g. pilot.alpha=1e-3), "
                              f"got {item!r}")
+        if name in out.get(method, {}):
+            raise UsageError(f"--hp sets {key} twice; give each hyperparameter once")
         try:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -80,7 +76,6 @@ def _oneshot(args: argparse.Namespace) -> int:
         seeds=args.seeds, preset=args.preset, hparams=_parse_hparams(args.hp),
         epochs=args.epochs, exclude=tuple(args.exclude), bn_recalibrate=args.bn_recalibrate,
         data_dir=args.data_dir)
-    _validate(cfg, "oneshot")
     res = oneshot.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/: {', '.join(res['files'])} and runs/ ({res['seconds']:.0f} s)")
@@ -94,7 +89,6 @@ def _iterative(args: argparse.Namespace) -> int:
         mode=args.mode, pilot=args.pilot, dataset=args.dataset, model=args.model,
         cycles=args.cycles, keep=args.keep, rewind_epoch=args.rewind_epoch, epochs=args.epochs,
         seeds=args.seeds, preset=args.preset, alpha=args.alpha, data_dir=args.data_dir)
-    _validate(cfg, "iterative")
     res = iterative.run(cfg, args.out, progress=not args.quiet)
     last = max(r["cycle"] for r in res["rows"])
     accs = [r["accuracy"] for r in res["rows"] if r["cycle"] == last]
@@ -111,14 +105,13 @@ def _targets(args: argparse.Namespace) -> int:
     try:
         sparsities = tuple(float(s) for s in args.sparsities.split(","))
     except ValueError:
-        raise SystemExit(f"--sparsities expects numbers like 0.8,0.9, got {args.sparsities!r}"
+        raise UsageError(f"--sparsities expects numbers like 0.8,0.9, got {args.sparsities!r}"
                          ) from None
     cfg = targets.TargetsConfig(
         dataset=args.dataset, model=args.model, methods=tuple(args.methods.split(",")),
         sparsities=sparsities, seeds=args.seeds, preset=args.preset,
         hparams=_parse_hparams(args.hp), epochs=args.epochs, bn_recalibrate=args.bn_recalibrate,
         data_dir=args.data_dir)
-    _validate(cfg, "targets")
     res = targets.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/targets.csv, targets.md, config.json ({res['seconds']:.0f} s)")
@@ -126,6 +119,8 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    """Lists what is installed and where datasets would be read from; it opens no data file
+    (so a crafted file in a folder it looks at cannot do anything)."""
     import platform
 
     import torch
@@ -137,13 +132,20 @@ def _doctor(args: argparse.Namespace) -> int:
           f"{platform.python_version()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CUDA: {torch.cuda.is_available() and torch.cuda.get_device_name(0) or 'no GPU'}")
-    print(f"data search path: {', '.join(str(d) for d in data.search_dirs(args.data_dir))}")
+    try:
+        print(f"data search path: {', '.join(str(d) for d in data.search_dirs(args.data_dir))}")
+    except UsageError as e:
+        print(f"data search path: {e}")
     for name in data.DATASETS:
         try:
-            d = data.load(name, "test", args.data_dir)
-            print(f"  {name:<14} found ({len(d)} test images, shape {tuple(d.shape)})")
-        except (FileNotFoundError, ValueError, ImportError) as e:
+            path = data.locate(name, args.data_dir)
+        except UsageError as e:
             print(f"  {name:<14} NOT AVAILABLE: {e}")
+            continue
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        size = sum(f.stat().st_size for f in files if f.is_file())
+        print(f"  {name:<14} found: {path} ({len(files)} file(s), {size / 1e6:.1f} MB; not "
+              "opened)")
     cache = os.environ.get("MIRRORPRUNE_CACHE", "~/.cache/mirrorprune")
     print(f"decoded-data cache: {cache}")
     return 0
@@ -253,13 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns its exit status. A user error (a bad option, a missing or
+    unreadable file) prints one paragraph, the problem and the fix, on stderr and returns 2; a
+    run stopped by non-finite numbers returns 1; Ctrl-C returns 130. No tracebacks for those."""
     args = build_parser().parse_args(argv)
     if args.func in (_oneshot, _targets, _iterative):
         from .train import init_distributed
 
         if init_distributed()[0] != 0:  # a no-op unless launched by torchrun
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - only rank 0 reports
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"mirrorprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"mirrorprune {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mirrorprune {args.command}: interrupted; finished epochs are checkpointed: "
+              "rerun the same command (with --resume for oneshot and targets) to continue",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

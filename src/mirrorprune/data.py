@@ -9,12 +9,18 @@ Sources (no downloads):
 - digits: scikit-learn's bundled 8x8 digits (a fixed stratified 80/20 split).
 
 Where: the `data_dir` argument, else $MIRRORPRUNE_DATA, else `../shared/data` and `shared/data`
-from the working directory and from the source checkout. Decoded JPEGs are cached as .npz under
-$MIRRORPRUNE_CACHE (default ~/.cache/mirrorprune).
+beside the source checkout (never relative to the working directory: a folder you merely run
+in cannot supply data files). Decoded JPEGs are cached as .npz under $MIRRORPRUNE_CACHE
+(default ~/.cache/mirrorprune).
+
+No data file can run code: the CIFAR-10 python batches (pickles) are read by an unpickler that
+builds only the numpy arrays, lists, bytes and numbers those files hold and refuses anything
+else.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
@@ -31,7 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
+
 DATASETS = ("cifar10", "mnist", "fashion-mnist", "digits")
+#: (channels, height, width) of each dataset's images, known without loading them.
+SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28),
+          "digits": (1, 8, 8)}
+#: Training-set sizes of the standard copies: experiments use them to check their options
+#: before loading anything, and check again with the real size if a copy differs.
+TRAIN_SIZES = {"cifar10": 50_000, "mnist": 60_000, "fashion-mnist": 60_000, "digits": 1438}
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
 _NORM = {  # per-channel mean and std of the training images, in [0, 1] units
@@ -43,8 +57,8 @@ _NORM = {  # per-channel mean and std of the training images, in [0, 1] units
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-class DataNotFoundError(FileNotFoundError):
-    pass
+class DataNotFoundError(UsageError, FileNotFoundError):
+    """A dataset is not where it was looked for (the message says where, and how to get it)."""
 
 
 @dataclass
@@ -116,12 +130,18 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
 
 
 def search_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """Where datasets are looked for: `data_dir` alone if given (it must exist), else
+    $MIRRORPRUNE_DATA, then `../shared/data` and `shared/data` beside the source checkout."""
     if data_dir is not None:
-        return [Path(data_dir)]
+        d = Path(data_dir)
+        if not d.exists():
+            raise DataNotFoundError(f"data directory {d} does not exist; pass --data-dir (or "
+                                    "data_dir=) pointing at the folder that holds the dataset")
+        return [d]
     dirs = [Path(os.environ["MIRRORPRUNE_DATA"])] if os.environ.get("MIRRORPRUNE_DATA") else []
     repo = Path(__file__).resolve().parents[2]
-    for base in (Path.cwd(), repo):
-        dirs += [base.parent / "shared" / "data", base / "shared" / "data"]
+    if (repo / "pyproject.toml").exists():  # a source checkout, not an installed package
+        dirs += [repo.parent / "shared" / "data", repo / "shared" / "data"]
     return list(dict.fromkeys(dirs))
 
 
@@ -136,8 +156,8 @@ def _find(names: list[str], dirs: list[Path], what: str, how: str) -> Path:
     raise DataNotFoundError(f"{what} not found; looked for {looked}. {how}")
 
 
-def _corrupt(path: Path, e: Exception) -> ValueError:
-    return ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); replace it with "
+def _corrupt(path: Path, e: Exception) -> UsageError:
+    return UsageError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); replace it with "
                       "a fresh copy (and delete any cached .npz under $MIRRORPRUNE_CACHE)")
 
 
@@ -147,10 +167,9 @@ def _corrupt(path: Path, e: Exception) -> ValueError:
 
 def load(name: str, split: str = "train", data_dir: str | Path | None = None) -> ImageData:
     """Load `split` ("train" or "test") of dataset `name` (one of DATASETS)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    _check_name(name)
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise UsageError(f"split must be 'train' or 'test', got {split!r}")
     x, y = {"cifar10": _cifar10, "mnist": _mnist, "fashion-mnist": _fashion,
             "digits": _digits}[name](split, data_dir)
     if x.ndim == 3:
@@ -161,10 +180,34 @@ def load(name: str, split: str = "train", data_dir: str | Path | None = None) ->
                      augment=name == "cifar10" and split == "train")
 
 
-def _cifar10(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
-    path = _find(["cifar10-jpeg.tar.gz", "cifar-10-batches-py"], search_dirs(data_dir),
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def locate(name: str, data_dir: str | Path | None = None) -> Path:
+    """The file or folder `name` would be loaded from, without reading it (DataNotFoundError,
+    saying where it was looked for, if there is none). `digits` ships with scikit-learn."""
+    _check_name(name)
+    if name == "digits":
+        try:
+            import sklearn.datasets
+        except ImportError:
+            raise DataNotFoundError("the digits dataset needs scikit-learn: "
+                                    "pip install 'mirrorprune[data]'") from None
+        return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+    return {"cifar10": _cifar10_path, "mnist": _mnist_path, "fashion-mnist": _fashion_path
+            }[name](data_dir)
+
+
+def _cifar10_path(data_dir) -> Path:
+    return _find(["cifar10-jpeg.tar.gz", "cifar-10-batches-py"], search_dirs(data_dir),
                  "CIFAR-10", "Pass data_dir=/ --data-dir pointing at cifar10-jpeg.tar.gz or the "
                  "python version's cifar-10-batches-py folder (cs.toronto.edu/~kriz/cifar.html).")
+
+
+def _cifar10(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    path = _cifar10_path(data_dir)
     if path.is_dir():
         return _cifar_python(path, split)
     return _cifar_jpeg(path, split)
@@ -180,12 +223,55 @@ def _cifar_python(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
                                     "cifar-10-batches-py folder")
         try:
             with open(p, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
+                d = _CifarUnpickler(fh, encoding="bytes").load()
             xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"]))
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
-            raise _corrupt(p, e) from e
+            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+        except _Refused as e:
+            raise UsageError(f"{p} is not a CIFAR-10 batch: {e}; a data file never needs "
+                             "that, so it was not loaded. Replace the folder with a fresh copy"
+                             ) from None
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError,
+                AttributeError, IndexError) as e:
+            raise _corrupt(p, e) from None
     return np.concatenate(xs), np.concatenate(ys)
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+def _numpy_global(name: str):
+    try:  # numpy >= 2 moved numpy.core to numpy._core (the old name warns)
+        from numpy._core import multiarray, numeric
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric
+    return {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar,
+            "_frombuffer": numeric._frombuffer, "ndarray": np.ndarray, "dtype": np.dtype}[name]
+
+
+# What the CIFAR-10 python batches need (written by Python 2's cPickle; re-pickled copies by
+# Python 3 and numpy 1 or 2): numpy arrays and dtypes, and latin-1 encoded bytes. Nothing else.
+_CIFAR_GLOBALS = {
+    **{(mod, name): lambda name=name: _numpy_global(name)
+       for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for name in ("_reconstruct", "scalar")},
+    **{(mod, "_frombuffer"): lambda: _numpy_global("_frombuffer")
+       for mod in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: codecs.encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds; any other global (a function, a class) is
+    refused before it is looked up, so nothing in the file can run."""
+
+    def find_class(self, module: str, name: str):
+        make = _CIFAR_GLOBALS.get((module, name))
+        if make is None:
+            raise _Refused(f"it asks for {module}.{name}")
+        return make()
 
 
 def _cache_path(src: Path) -> Path:
@@ -199,7 +285,7 @@ def _cifar_jpeg(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     cache = _cache_path(archive)
     if cache.exists():
         try:
-            with np.load(cache) as z:
+            with np.load(cache, allow_pickle=False) as z:
                 return z[f"x_{split}"], z[f"y_{split}"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             cache.unlink(missing_ok=True)  # a broken cache is rebuilt, never trusted
@@ -230,12 +316,16 @@ def _cifar_jpeg(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return arrays[f"x_{split}"], arrays[f"y_{split}"]
 
 
-def _mnist(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
-    path = _find(["mnist.npz"], search_dirs(data_dir), "MNIST",
+def _mnist_path(data_dir) -> Path:
+    return _find(["mnist.npz"], search_dirs(data_dir), "MNIST",
                  "Pass --data-dir pointing at a folder with mnist.npz (x_train, y_train, x_test, "
                  "y_test), as in the project's shared/data.")
+
+
+def _mnist(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    path = _mnist_path(data_dir)
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             return z[f"x_{split}"], z[f"y_{split}"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise _corrupt(path, e) from e
@@ -255,15 +345,18 @@ def _idx(path: Path) -> np.ndarray:
         raise _corrupt(path, e) from e
 
 
-def _fashion(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if split == "train" else "t10k"
-    name = f"{prefix}-images-idx3-ubyte.gz"
+def _fashion_path(data_dir, prefix: str = "t10k") -> Path:
     dirs = search_dirs(data_dir)
     if data_dir is None:
         dirs += [FASHION_SYSTEM_DIR]
-    images = _find([name], dirs + [d / "fashion-mnist" for d in dirs], "Fashion-MNIST",
-                   "Install it with `apt-get install dataset-fashion-mnist` (files land in "
-                   f"{FASHION_SYSTEM_DIR}) or pass --data-dir with the idx .gz files.")
+    return _find([f"{prefix}-images-idx3-ubyte.gz"], dirs + [d / "fashion-mnist" for d in dirs],
+                 "Fashion-MNIST", "Install it with `apt-get install dataset-fashion-mnist` (files "
+                 f"land in {FASHION_SYSTEM_DIR}) or pass --data-dir with the idx .gz files.")
+
+
+def _fashion(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    images = _fashion_path(data_dir, prefix)
     labels = images.parent / f"{prefix}-labels-idx1-ubyte.gz"
     return _idx(images), _idx(labels)
 
@@ -271,9 +364,9 @@ def _fashion(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
 def _digits(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as _load
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the digits dataset needs scikit-learn: "
-                          "pip install 'mirrorprune[data]'") from e
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise DataNotFoundError("the digits dataset needs scikit-learn: "
+                                "pip install 'mirrorprune[data]'") from None
     d = _load()
     x = np.clip(d.images * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
     test = _stratified_test_mask(d.target, 0.2, seed=0)
@@ -295,7 +388,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor
     """scikit-learn's digits flattened to 64 features in [0, 1], centered with the training mean:
     x_train, y_train, x_test, y_test (the demo's data)."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise UsageError(f"test_fraction must be in (0, 1), got {test_fraction}")
     from sklearn.datasets import load_digits as _load
 
     d = _load()

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from .errors import UsageError
+
 
 def kaiming_init(model: nn.Module) -> nn.Module:
     """Kaiming-normal weights (fan-in, ReLU gain), zero biases; BatchNorm at weight 1, bias 0."""
@@ -24,7 +26,7 @@ def kaiming_init(model: nn.Module) -> nn.Module:
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
     """ReLU MLP with layer widths `sizes` (input first, classes last), Kaiming-initialized."""
     if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
-        raise ValueError(f"sizes must list at least two positive widths, got {list(sizes)}")
+        raise UsageError(f"sizes must list at least two positive widths, got {list(sizes)}")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
@@ -123,7 +125,7 @@ def create_model(name: str, num_classes: int = 10, input_shape: Sequence[int] = 
                  ) -> nn.Module:
     """A model by name for inputs of shape (C, H, W)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     c, h, w = input_shape
     if name == "lenet_300_100":
         return lenet_300_100(num_classes, c * h * w)

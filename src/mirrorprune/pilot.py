@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import theory
+from .errors import UsageError, check_number
 from .prune import finalize as _finalize
 from .reparam import MirrorWeight, Selector, check_beta, iter_mw_params, wrap
 from .schedules import Schedule, as_schedule, check_alpha
@@ -54,7 +55,7 @@ class PILoT:
         self.schedule = as_schedule(schedule)
         self.beta = check_beta(beta)
         if track_mirror and self.beta == 0:
-            raise ValueError("track_mirror needs beta > 0: with beta = 0 (spred) R is undefined")
+            raise UsageError("track_mirror needs beta > 0: with beta = 0 (spred) R is undefined")
         self.model = model
         self.weights: list[MirrorWeight] = wrap(model, self.beta, include, exclude)
         self._k = 0
@@ -99,14 +100,16 @@ class PILoT:
         """
         self._check_open()
         alpha = self.alpha
+        if lr is not None:
+            lr = check_number(lr, "lr (the coming step's learning rate)", low=0)
         if lr is not None and 2 * alpha * lr >= 1:
             # gradient descent on α(m² + w²) alone multiplies m and w by 1 − 2αη per step
-            raise ValueError(f"alpha {alpha:g} is too large for lr {lr:g}: each step would "
+            raise UsageError(f"alpha {alpha:g} is too large for lr {lr:g}: each step would "
                              f"multiply m and w by 1 − 2·alpha·lr = {1 - 2 * alpha * lr:g} <= 0 "
                              "(sign flips, divergence); PILoT's alpha is typically 1e-5..1e-2")
         if self.track_mirror:
             if lr is None:
-                raise ValueError("track_mirror=True needs the step size: call pilot.step(lr=...)")
+                raise UsageError("track_mirror=True needs the step size: call pilot.step(lr=...)")
             for mw, L in zip(self.weights, self._L):
                 if mw.m.grad is not None and mw.w.grad is not None:
                     # m.grad = g ⊙ w and w.grad = g ⊙ m, so g = (m.grad w + w.grad m)/(m² + w²).
@@ -217,12 +220,12 @@ class PILoT:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = [mw.name for mw in self.weights]
         if state.get("names") != names or state.get("beta") != self.beta:
-            raise ValueError(
+            raise UsageError(
                 "PILoT state was saved for another configuration (weights "
                 f"{state.get('names')}, beta {state.get('beta')}; here {names}, beta {self.beta})"
             )
         if self.track_mirror != ("L" in state):
-            raise ValueError("PILoT state and this PILoT disagree on track_mirror")
+            raise UsageError("PILoT state and this PILoT disagree on track_mirror")
         self.schedule.load_state_dict(state["schedule"])
         self._k, self._alpha_sum, self._A = int(state["step"]), state["alpha_sum"], state["A"]
         if self.track_mirror:

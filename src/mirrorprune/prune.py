@@ -6,20 +6,20 @@ with strict=True into an unmodified instance of the architecture.
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from .errors import UsageError, check_number
 from .reparam import (
     MirrorWeight,
     Selector,
     collapse,
     find_mirror_weights,
     mirrored_names,
+    safe_deepcopy,
     select_modules,
 )
 
@@ -27,15 +27,13 @@ SCOPES = ("global", "layer")
 
 
 def check_sparsity(sparsity: float) -> float:
-    ok = isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
-    if not ok or not math.isfinite(sparsity) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a number in [0, 1) (e.g. 0.9), got {sparsity!r}")
-    return float(sparsity)
+    """`sparsity` as a float in [0, 1) (numpy scalars welcome), else a UsageError."""
+    return check_number(sparsity, "sparsity (e.g. 0.9)", low=0, high=1, high_open=True)
 
 
 def check_scope(scope: str) -> str:
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        raise UsageError(f"scope must be one of {SCOPES}, got {scope!r}")
     return scope
 
 
@@ -51,7 +49,7 @@ def magnitude_masks(
     sparsity, scope = check_sparsity(sparsity), check_scope(scope)
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise ValueError(f"{name} has non-finite entries; cannot rank weights by magnitude")
+            raise UsageError(f"{name} has non-finite entries; cannot rank weights by magnitude")
     if scope == "layer":
         return {name: _keep_mask(t.detach().abs().flatten(), sparsity).view_as(t)
                 for name, t in tensors.items()}
@@ -102,7 +100,7 @@ def unique_weights(
 def _apply_masks(params: Mapping[str, nn.Parameter], sparsity: float, scope: str) -> None:
     masks = magnitude_masks(params, sparsity, scope)
     for name, p in params.items():
-        p.mul_(masks[name])
+        p.masked_fill_(~masks[name], 0.0)  # +0.0: multiplying would leave -0.0 behind
 
 
 def prune(
@@ -119,8 +117,8 @@ def prune(
     """
     check_sparsity(sparsity), check_scope(scope)
     if find_mirror_weights(model):
-        raise ValueError("model is reparametrized as m ⊙ w: use finalize() (or PILoT.finalize())")
-    model = model if inplace else copy.deepcopy(model)
+        raise UsageError("model is reparametrized as m ⊙ w: use finalize() (or PILoT.finalize())")
+    model = model if inplace else safe_deepcopy(model)
     _apply_masks(unique_weights(model, include, exclude), sparsity, scope)
     return model
 
@@ -138,12 +136,12 @@ def finalize(
     """
     check_sparsity(sparsity), check_scope(scope)
     if not find_mirror_weights(model):
-        raise ValueError(
+        raise UsageError(
             "model has no m ⊙ w reparametrization (it was never wrapped, or was finalized in "
             "place already): wrap it with mirrorprune.PILoT first, or use mirrorprune.prune() "
             "for a plain model"
         )
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else safe_deepcopy(model)
     weights = find_mirror_weights(model)
     collapsed = collapse(weights)
     _apply_masks({mw.name: collapsed[mw.name] for mw in weights}, sparsity, scope)
@@ -218,7 +216,7 @@ def sparsity_report(
     """
     mirror: Sequence[MirrorWeight] = find_mirror_weights(model)
     if mirror and (include is not None or exclude):
-        raise ValueError("include/exclude apply to plain models; a wrapped model reports m ⊙ w")
+        raise UsageError("include/exclude apply to plain models; a wrapped model reports m ⊙ w")
     if mirror:
         tensors = {mw.name: mw.x() for mw in mirror}
     else:

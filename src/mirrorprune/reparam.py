@@ -13,13 +13,15 @@ reads, so the tie survives wrapping and collapsing. Initialize weights *before* 
 
 from __future__ import annotations
 
+import copy
 import fnmatch
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .errors import UsageError, check_number
 
 #: Module types whose `weight` is reparametrized by default (SPEC §2.1): no biases, no norms.
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -121,7 +123,7 @@ def select_modules(
     Modules that already carry the reparametrization count by their original class.
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = [(n, mod) for n, mod in model.named_modules()]
     if callable(include) and not isinstance(include, type):
         chosen = [(n, mod) for n, mod in named if include(mod, n)]
@@ -129,17 +131,18 @@ def select_modules(
         patterns = _as_tuple(include) or DEFAULT_TYPES
         for p in patterns:
             if not isinstance(p, (str, type)):
-                raise ValueError(f"include entries must be module types or name globs, got {p!r}")
+                raise UsageError(f"include entries must be module types or name globs, got {p!r}")
             if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
-                raise ValueError(f"include pattern {p!r} matches no module; {_names_hint(named)}")
+                raise UsageError(f"include pattern {p!r} matches no module; {_names_hint(named)}")
         chosen = [(n, mod) for n, mod in named if any(_matches(mod, n, p) for p in patterns)]
     excl = _as_tuple(exclude)
     for p in excl:
         if not isinstance(p, (str, type)):
-            raise ValueError(f"exclude entries must be module types or name globs, got {p!r}")
+            raise UsageError(f"exclude entries must be module types or name globs, got {p!r}")
         if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
-            raise ValueError(f"exclude pattern {p!r} matches no module; {_names_hint(named)}")
+            raise UsageError(f"exclude pattern {p!r} matches no module; {_names_hint(named)}")
     chosen = [(n, mod) for n, mod in chosen if not any(_matches(mod, n, p) for p in excl)]
+    _refuse_managed(chosen)
     prunable = [
         (n, mod)
         for n, mod in chosen
@@ -153,18 +156,79 @@ def select_modules(
         # weight_ih_l0, MultiheadAttention's in_proj_weight): say so rather than skip them
         shown = ", ".join(f"{n or '<root>'} ({type(m).__name__}: "
                           f"{', '.join(list(m._parameters)[:3])})" for n, m in unsupported[:5])
-        raise ValueError(
+        raise UsageError(
             f"include selects modules PILoT cannot reparametrize: {shown}. Supported are modules "
             "whose weight is a Parameter named `weight` (nn.Linear, nn.Conv*, nn.Embedding, "
             "...); leave these out of include, or exclude them")
     chosen = prunable
     if not chosen:
-        raise ValueError(
+        raise UsageError(
             "include/exclude select no prunable weight (a module with a `weight` parameter; "
             "default: nn.Linear and nn.Conv1d/2d/3d). Pass include=[...] with module types or "
             f"name globs; {_names_hint(named)}"
         )
     return chosen
+
+
+def _weight_manager(mod: nn.Module) -> str | None:
+    """What computes this module's `weight` instead of it being its own Parameter, if
+    anything: torch's parametrize, pruning masks, old-style weight/spectral norm hooks."""
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if "weight" in mirrored_names(mod):
+        return None
+    if parametrize.is_parametrized(mod, "weight"):
+        return "a torch.nn.utils.parametrize parametrization"
+    for hook in mod._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            return "a torch.nn.utils.prune mask (weight_orig, weight_mask)"
+        if isinstance(hook, WeightNorm):
+            return "weight_norm (weight_g, weight_v)"
+        if isinstance(hook, SpectralNorm):
+            return "spectral_norm (weight_orig)"
+    if "weight" not in mod._parameters and isinstance(getattr(mod, "weight", None),
+                                                      torch.Tensor):
+        return "something other than a Parameter (a buffer, or a hook)"
+    return None
+
+
+def _refuse_managed(chosen: list[tuple[str, nn.Module]]) -> None:
+    managed = [(n, why) for n, mod in chosen if (why := _weight_manager(mod))]
+    if managed:
+        shown = "; ".join(f"{n or '<root>'}: {why}" for n, why in managed[:5])
+        raise UsageError(
+            f"cannot reparametrize weights that are computed by {shown}"
+            f"{' ...' if len(managed) > 5 else ''}. Leave these modules out "
+            f"(exclude=[{', '.join(repr(n) for n, _ in managed[:3])}]), or make the weight a "
+            "plain Parameter first (parametrize.remove_parametrizations, prune.remove, "
+            "remove_weight_norm / remove_spectral_norm)")
+    sparse = [n for n, mod in chosen
+              if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.sparse]
+    if sparse:
+        raise UsageError(
+            f"{', '.join(sparse[:5])}: embeddings with sparse=True produce sparse gradients, "
+            "to which PILoT cannot add its decay; construct them with sparse=False or exclude "
+            "them")
+
+
+def safe_deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy that also works when a module holds a non-leaf tensor as an attribute
+    (weight_norm / spectral_norm hooks leave the computed weight there after a forward pass,
+    and deepcopy refuses such tensors): the copy gets it detached, and its hook recomputes it on
+    the next forward."""
+    stash = []
+    for mod in model.modules():
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                stash.append((mod, k, v))
+                mod.__dict__[k] = v.detach()
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for mod, k, v in stash:
+            mod.__dict__[k] = v
 
 
 def _names_hint(named: list[tuple[str, nn.Module]]) -> str:
@@ -190,11 +254,7 @@ def mirror_init(x0: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tens
 
 
 def check_beta(beta: float) -> float:
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite number >= 0 (paper: 1.0), got {beta!r}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0 (m0² − w0² = beta; paper: 1.0), got {beta}")
-    return float(beta)
+    return check_number(beta, "beta (m0² − w0²; paper: 1.0)", low=0)
 
 
 def wrap(
@@ -207,13 +267,7 @@ def wrap(
     beta = check_beta(beta)
     chosen = select_modules(model, include, exclude)
     if any(mirrored_names(mod) for _, mod in chosen):
-        raise ValueError("model is already reparametrized by mirrorprune; wrap it only once")
-    for n, mod in chosen:
-        if torch.nn.utils.parametrize.is_parametrized(mod):
-            raise ValueError(
-                f"module {n!r} uses torch.nn.utils.parametrize, which mirrorprune does not combine "
-                "with its own reparametrization; remove it or exclude the module"
-            )
+        raise UsageError("model is already reparametrized by mirrorprune; wrap it only once")
     # Group by tensor identity so tied weights share one (m, w) pair.
     by_id: dict[int, list[tuple[str, nn.Module]]] = {}
     for n, mod in chosen:
@@ -242,7 +296,7 @@ def _check_ties(model: nn.Module, by_id: dict[int, list[tuple[str, nn.Module]]])
         for pn, p in mod._parameters.items():
             if p is not None and id(p) in by_id:
                 inside = by_id[id(p)][0][0]
-                raise ValueError(
+                raise UsageError(
                     f"weight of {inside!r} is tied to {n + '.' + pn!r}, which is not selected; "
                     "include or exclude both modules so the tie is kept"
                 )

@@ -12,21 +12,20 @@ with `OffAfter` for training runs meant to converge.
 
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Any
+
+from .errors import UsageError, check_number
 
 
 def check_alpha(value: float, what: str = "alpha") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{what} must be >= 0 (0 turns PILoT's regularization off), got {value}")
-    return float(value)
+    """A finite α >= 0 (0 turns PILoT's regularization off) as a float, else a UsageError."""
+    return check_number(value, what, low=0)
 
 
 def _check_step(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"step index k must be an int >= 0, got {k!r}")
+        raise UsageError(f"step index k must be an int >= 0, got {k!r}")
     return k
 
 
@@ -48,7 +47,7 @@ class Schedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Stateless schedules only check that the checkpoint was made with the same schedule.
         if state != self.state_dict():
-            raise ValueError(
+            raise UsageError(
                 f"schedule state {state} does not match this schedule {self.state_dict()}; "
                 "resume with the schedule the run was started with"
             )
@@ -102,9 +101,7 @@ class Geometric(Schedule):
 
     def __init__(self, alpha0: float, p: float = 0.95):
         self.alpha0 = check_alpha(alpha0, "alpha0")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
-            raise ValueError(f"p must be in (0, 1) (paper: 0.95), got {p!r}")
-        self.p = float(p)
+        self.p = check_number(p, "p (paper: 0.95)", low=0, high=1, low_open=True, high_open=True)
 
     def alpha(self, k: int) -> float:
         return self.alpha0 * self.p**k
@@ -115,7 +112,7 @@ class Geometric(Schedule):
 
 def _check_count(value: int, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
+        raise UsageError(f"{what} must be an int >= {minimum}, got {value!r}")
     return value
 
 
@@ -124,7 +121,7 @@ class OffAfter(Schedule):
 
     def __init__(self, schedule: Schedule, step: int):
         if not isinstance(schedule, Schedule):
-            raise ValueError(f"schedule must be a mirrorprune Schedule, got {schedule!r}")
+            raise UsageError(f"schedule must be a mirrorprune Schedule, got {schedule!r}")
         self.inner = schedule
         self.step = _check_count(step, "step", 0)
 
@@ -143,7 +140,7 @@ class Every(Schedule):
 
     def __init__(self, schedule: Schedule, n: int):
         if not isinstance(schedule, Schedule):
-            raise ValueError(f"schedule must be a mirrorprune Schedule, got {schedule!r}")
+            raise UsageError(f"schedule must be a mirrorprune Schedule, got {schedule!r}")
         self.inner = schedule
         self.n = _check_count(n, "n", 1)
 
@@ -158,9 +155,9 @@ def as_schedule(schedule: Schedule | float | int) -> Schedule:
     """A Schedule from a Schedule or a number (a constant α)."""
     if isinstance(schedule, Schedule):
         return schedule
-    if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
+    if isinstance(schedule, numbers.Real) and not isinstance(schedule, bool):
         return Constant(schedule)
-    raise ValueError(
+    raise UsageError(
         "schedule must be a mirrorprune.schedules.Schedule (e.g. Geometric(alpha0=1e-3, p=0.95)) "
         f"or a number for a constant alpha, got {schedule!r}"
     )
@@ -192,9 +189,9 @@ class TargetController(Schedule):
                  alpha_max: float = 0.1):
         self.alpha_init = check_alpha(alpha_init, "alpha_init")
         if not 0 < target_sparsity < 1:
-            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity!r}")
+            raise UsageError(f"target_sparsity must be in (0, 1), got {target_sparsity!r}")
         if not delta > 1:
-            raise ValueError(f"delta must be > 1, got {delta!r}")
+            raise UsageError(f"delta must be > 1, got {delta!r}")
         self.target, self.epochs = float(target_sparsity), _check_count(epochs, "epochs", 1)
         self.delta, self.acc_tol, self.mass_tol = float(delta), float(acc_tol), float(mass_tol)
         self.alpha_max = check_alpha(alpha_max, "alpha_max")
@@ -230,6 +227,6 @@ class TargetController(Schedule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = super().state_dict()
         if {k: state.get(k) for k in mine} != mine:
-            raise ValueError(f"controller state {state} does not match this controller {mine}")
+            raise UsageError(f"controller state {state} does not match this controller {mine}")
         self.current, self.best_acc = state["current"], state["best_acc"]
         self.seen, self.history = state["seen"], list(state["history"])

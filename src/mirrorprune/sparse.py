@@ -19,30 +19,39 @@ untransposed.
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
+import math
 import os
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import save_torch
-from .reparam import find_mirror_weights
+from .errors import UsageError
+from .files import atomic_write, load_torch
+from .reparam import find_mirror_weights, safe_deepcopy
 
 # Measured on 2 CPU cores (benchmarks/results/inference): sparse pays from about this sparsity on.
 MIN_SPARSITY = 0.8
 # Batch from which `gather_product` beats torch's CSR product (benchmarks/results/inference,
 # kernel table: 300x784, 1024x1024 and 4096x4096 layers at 80-98% sparsity).
 GATHER_MIN_BATCH = 16
+# Dtypes of torch's CPU CSR product; other dtypes (bfloat16, float16) use the gather kernel
+# (embedding_bag) at every batch size.
+CSR_DTYPES = (torch.float32, torch.float64)
+# Modules whose fused inference path (eval mode, no grad) reads their Linear children's weights
+# as dense tensors: those children stay dense.
+_FUSED_OWNERS = (nn.TransformerEncoderLayer, nn.MultiheadAttention)
 # Modules that apply elementwise and keep their input's memory layout: a transposed activation
 # passes through them unchanged (torch preserves strides of dense tensors in unary ops).
 _LAYOUT_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
                    nn.ELU, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Dropout, nn.Identity)
-FORMAT = "mirrorprune-sparse-v1"
 
 
 class SparseLinear(nn.Module):
@@ -73,7 +82,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # xᵀ contiguous (free when x is a transposed output of the previous SparseLinear)
         xt = x.reshape(-1, self.in_features).t().contiguous()
-        if xt.shape[1] >= GATHER_MIN_BATCH:
+        if xt.shape[1] >= GATHER_MIN_BATCH or self.weight.dtype not in CSR_DTYPES:
             y = gather_product(self.weight, xt)
         else:
             y = torch.sparse.mm(self.weight, xt)
@@ -97,36 +106,88 @@ def gather_product(csr: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
                            per_sample_weights=csr.values(), include_last_offset=True)
 
 
+@dataclass
+class ExportDecision:
+    """What `export_sparse` did with one Linear layer, and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    sparsity: float
+    sparse: bool
+    reason: str
+
+
+class ExportReport(list):
+    """The `ExportDecision`s of one export; `str()` gives a table."""
+
+    def __str__(self) -> str:
+        w = max([5, *(len(d.name) for d in self)])
+        lines = [f"{'layer':<{w}}  {'shape':<12}  {'sparsity':>8}  form    why"]
+        lines += [f"{d.name:<{w}}  {'x'.join(map(str, d.shape)):<12}  {d.sparsity:>8.2%}  "
+                  f"{'sparse' if d.sparse else 'dense ':<6}  {d.reason}" for d in self]
+        return "\n".join(lines)
+
+
 def export_sparse(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
-                  example_input: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
+                  example_input: torch.Tensor | None = None, inplace: bool = False,
+                  report: bool = False) -> nn.Module | tuple[nn.Module, ExportReport]:
     """A copy of a plain (finalized) model in which every nn.Linear with at least `min_sparsity`
     exact zeros becomes a `SparseLinear` (CSR weight); other layers are left as they are.
 
     With `example_input` (a batch like the ones you will serve), each such layer is also timed
     dense and sparse on the input it receives, and only those where sparse is faster are replaced:
-    small layers at batch 1 often are not (benchmarks/results/inference). For inference: the
-    sparse layers hold buffers, not trainable parameters.
+    small layers at batch 1 often are not (benchmarks/results/inference). Linear layers inside
+    `nn.TransformerEncoderLayer` / `nn.MultiheadAttention` stay dense: their fused inference path
+    reads the weights as dense tensors. bfloat16 / float16 layers compute with the gather kernel
+    at every batch size (torch's CSR product has no such CPU kernel). For inference: the sparse
+    layers hold buffers, not trainable parameters. `report=True` also returns an `ExportReport`
+    saying for each Linear layer which form it got and why.
     """
     if not 0 <= min_sparsity <= 1:
-        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+        raise UsageError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if find_mirror_weights(model):
-        raise ValueError("export_sparse needs a plain model; call finalize() (or "
+        raise UsageError("export_sparse needs a plain model; call finalize() (or "
                          "pilot.finalize(sparsity)) first to get one")
-    out = model if inplace else copy.deepcopy(model)
-    # exactly nn.Linear: subclasses (e.g. MultiheadAttention's out_proj) are read through
-    # .weight by their owner and must stay dense
-    chosen = [(mod, name, child) for mod in out.modules()
-              for name, child in mod.named_children()
-              if type(child) is nn.Linear
-              and (child.weight == 0).float().mean().item() >= min_sparsity]
+    out = model if inplace else safe_deepcopy(model)
+    decisions: dict[int, ExportDecision] = {}
+    chosen = []
+    for owner_name, mod in out.named_modules():
+        for name, child in mod.named_children():
+            if not isinstance(child, nn.Linear):
+                continue
+            sp = (child.weight == 0).float().mean().item()
+            d = decisions[id(child)] = ExportDecision(
+                f"{owner_name}.{name}" if owner_name else name, tuple(child.weight.shape), sp,
+                False, "")
+            if isinstance(mod, _FUSED_OWNERS):
+                d.reason = (f"inside {type(mod).__name__}, whose fused inference path reads "
+                            "this weight as a dense tensor")
+            elif type(child) is not nn.Linear:  # e.g. MultiheadAttention's out_proj
+                d.reason = f"{type(child).__name__} is read through .weight by its owner"
+            elif sp < min_sparsity:
+                d.reason = f"sparsity below min_sparsity {min_sparsity:g}"
+            else:
+                chosen.append((mod, name, child))
     if example_input is not None:
         inputs = _layer_inputs(out, [c for _, _, c in chosen], example_input)
-        chosen = [(mod, name, c) for mod, name, c in chosen
-                  if id(c) in inputs and _sparse_is_faster(c, inputs[id(c)])]
+        kept = []
+        for mod, name, c in chosen:
+            if id(c) not in inputs:
+                decisions[id(c)].reason = "not reached by the example input"
+            elif not _sparse_is_faster(c, inputs[id(c)]):
+                decisions[id(c)].reason = "dense is faster on the example input"
+            else:
+                kept.append((mod, name, c))
+        chosen = kept
     for mod, name, child in chosen:
+        d = decisions[id(child)]
+        d.sparse = True
+        d.reason = ("CSR; gather kernel at every batch size (no CSR product for "
+                    f"{_dtype_name(child.weight.dtype)})" if child.weight.dtype not in CSR_DTYPES
+                    else f"CSR; gather kernel from batch {GATHER_MIN_BATCH}")
         setattr(mod, name, SparseLinear.from_linear(child))
     _chain_transposed(out)
-    return out
+    return (out, ExportReport(decisions.values())) if report else out
 
 
 def _chain_transposed(model: nn.Module) -> None:
@@ -180,6 +241,30 @@ def _sparse_is_faster(layer: nn.Linear, x: torch.Tensor, rounds: int = 7) -> boo
 
 
 # ---------------------------------------------------------------- compressed checkpoints
+#
+# A sparse file is a .safetensors file (no pickle: loading it cannot run code). Each float
+# tensor that a bitmask makes smaller is stored as NAME/bitmask (uint8, 8 entries per byte, most
+# significant bit first) and NAME/values (the entries that are not +0.0, in order: -0.0 is kept
+# as a value, so the round trip is bit-identical); every other tensor is stored as NAME. The
+# metadata holds the format and version, each entry's encoding, shape and dtype, and a SHA-256
+# of all of it and the tensor bytes, so a changed byte is detected.
+
+FORMAT = "mirrorprune-sparse"
+VERSION = 2
+LEGACY_FORMAT = "mirrorprune-sparse-v1"  # torch.save zip of release 0.1.0, still read
+
+
+class SparseFileError(UsageError):
+    """A file that `load_sparse` cannot read (the message says why, in one sentence)."""
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("save_sparse/load_sparse read and write .safetensors files: "
+                          "pip install 'mirrorprune[io]' (or pip install safetensors)") from None
+    return safetensors
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
@@ -195,51 +280,150 @@ def _unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
     return ((bits.unsqueeze(1) >> shifts) & 1).flatten()[:n].bool()
 
 
-def _encode(t: torch.Tensor) -> dict | torch.Tensor:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _encode(name: str, t: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata entry, stored tensors) of one state-dict tensor."""
     if t.layout != torch.strided:
         t = t.to_dense()
-    if not t.is_floating_point() or t.numel() < 64:
-        return t.clone()
-    mask = t != 0
-    nnz = int(mask.sum())
-    # the bitmask costs numel/8 bytes: store dense when that saves nothing
-    if nnz * t.element_size() + t.numel() / 8 >= t.numel() * t.element_size():
-        return t.clone()
-    return {"shape": tuple(t.shape), "dtype": t.dtype, "bitmask": _pack(mask.cpu()),
-            "values": t[mask].cpu().clone()}
+    t = t.detach().cpu().contiguous()
+    entry = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+    if t.is_floating_point() and t.numel() >= 64:
+        keep = t.ne(0) | t.signbit()  # everything but +0.0 (NaN and -0.0 are kept)
+        nnz = int(keep.sum())
+        # the bitmask costs numel/8 bytes: store dense when that saves nothing
+        if nnz * t.element_size() + t.numel() / 8 < t.numel() * t.element_size():
+            return ({**entry, "encoding": "bitmask"},
+                    {f"{name}/bitmask": _pack(keep), f"{name}/values": t[keep]})
+    return {**entry, "encoding": "dense"}, {name: t.clone()}
 
 
-def _decode(e: dict | torch.Tensor) -> torch.Tensor:
-    if isinstance(e, torch.Tensor):
-        return e
-    n = 1
-    for s in e["shape"]:
-        n *= s
-    out = torch.zeros(n, dtype=e["dtype"])
-    out[_unpack(e["bitmask"], n)] = e["values"]
-    return out.view(e["shape"])
+def _decode(name: str, entry: dict, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    shape, dtype = tuple(entry["shape"]), getattr(torch, entry["dtype"])
+    n = math.prod(shape)
+    if entry["encoding"] == "dense":
+        t = stored[name]
+    else:
+        keep = _unpack(stored[f"{name}/bitmask"], n)
+        values = stored[f"{name}/values"]
+        if len(stored[f"{name}/bitmask"]) != (n + 7) // 8 or int(keep.sum()) != len(values):
+            raise ValueError("bitmask and values disagree")
+        t = torch.zeros(n, dtype=dtype)
+        t[keep] = values
+    if t.dtype != dtype or t.numel() != n:
+        raise ValueError("stored tensor does not match its entry")
+    return t.view(shape)
+
+
+def _checksum(entries: dict, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(entries, sort_keys=True).encode())
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}:{_dtype_name(t.dtype)}:{list(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_sparse(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> int:
-    """Write the state dict of `model` (or a state dict) with every sufficiently sparse float
-    tensor stored as a bitmask and its non-zero values; returns the file size in bytes.
-    The write is atomic (temporary file, then rename)."""
-    state = model.state_dict() if isinstance(model, nn.Module) else model
+    """Write the state dict of `model` (or a state dict) as a .safetensors file in which every
+    float tensor that a bitmask makes smaller is stored as that bitmask and its non-zero values;
+    returns the file size in bytes. The write is atomic (a temporary file, renamed at the end,
+    removed if the write fails). Exported (CSR) layers are stored as dense tensors with zeros."""
     if isinstance(model, nn.Module) and find_mirror_weights(model):
-        raise ValueError("save_sparse needs a plain model; call finalize() first")
-    save_torch({"format": FORMAT, "tensors": {k: _encode(v) for k, v in state.items()}}, path)
+        raise UsageError("save_sparse needs a plain model; call finalize() first")
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    st = _safetensors()
+    entries, tensors = {}, {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise UsageError(f"save_sparse stores tensors only; {k!r} is a {type(v).__name__}")
+        entries[k], stored = _encode(k, v)
+        if set(stored) & set(tensors):
+            raise UsageError(f"state dict key {k!r} collides with another key's encoding")
+        tensors.update(stored)
+    meta = {"format": FORMAT, "version": str(VERSION), "entries": json.dumps(entries),
+            "sha256": _checksum(entries, tensors)}
+    atomic_write(path, lambda p: st.torch.save_file(tensors, str(p), metadata=meta))
     return Path(path).stat().st_size
 
 
 def load_sparse(path: str | os.PathLike, model: nn.Module | None = None
                 ) -> dict[str, torch.Tensor]:
-    """Read a `save_sparse` file; returns the dense state dict and, given `model`, loads it
-    (strictly) into the model too."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a mirrorprune sparse checkpoint (written by "
-                         "mirrorprune.save_sparse); load a plain one with torch.load")
-    state = {k: _decode(v) for k, v in blob["tensors"].items()}
+    """Read a `save_sparse` file (or one of the torch format of release 0.1.0); returns the
+    dense state dict and, given `model`, loads it (strictly) into the model too.
+
+    Never runs code from the file. Anything that is not an intact sparse file (missing, empty,
+    truncated, changed, random, foreign, or another architecture's weights for `model`) raises
+    a `SparseFileError` (a ValueError) saying so in one sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise SparseFileError(f"{path} does not exist (or is not a file)")
+    if path.stat().st_size == 0:
+        raise SparseFileError(f"{path} is empty: not a sparse file written by save_sparse")
+    with open(path, "rb") as f:
+        legacy = f.read(4) == b"PK\x03\x04"  # a torch.save zip archive
+    try:
+        state = _read_legacy(path) if legacy else _read_safetensors(path)
+    except SparseFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any inconsistency inside the file
+        raise SparseFileError(f"{path} is corrupt ({type(e).__name__}: {e}); use another copy"
+                              ) from None
     if model is not None:
+        _check_fits(path, state, model)
         model.load_state_dict(state)
     return state
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    st = _safetensors()
+    try:
+        with st.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except st.SafetensorError as e:
+        raise SparseFileError(f"{path} is not a sparse file written by save_sparse (truncated "
+                              f"or another kind of file: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise SparseFileError(f"{path} is a safetensors file but not one written by "
+                              "mirrorprune.save_sparse; load it with safetensors.torch.load_file")
+    if not meta.get("version", "").isdigit() or int(meta["version"]) > VERSION:
+        raise SparseFileError(f"{path} was written by a newer mirrorprune (format version "
+                              f"{meta.get('version')!r}); upgrade mirrorprune to read it")
+    entries = json.loads(meta["entries"])
+    if _checksum(entries, tensors) != meta.get("sha256"):
+        raise SparseFileError(f"{path} is corrupt: its content does not match the checksum it "
+                              "was saved with (a changed byte); use another copy")
+    return {k: _decode(k, e, tensors) for k, e in entries.items()}
+
+
+def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    blob = load_torch(path, "mirrorprune sparse file")
+    if not isinstance(blob, dict) or blob.get("format") != LEGACY_FORMAT:
+        raise SparseFileError(f"{path} is a torch file but not a sparse file written by "
+                              "mirrorprune.save_sparse; load it with torch.load(weights_only=True)")
+
+    def decode(e: dict | torch.Tensor) -> torch.Tensor:
+        if isinstance(e, torch.Tensor):
+            return e
+        n = math.prod(e["shape"])
+        out = torch.zeros(n, dtype=e["dtype"])
+        out[_unpack(e["bitmask"], n)] = e["values"]
+        return out.view(e["shape"])
+    return {k: decode(v) for k, v in blob["tensors"].items()}
+
+
+def _check_fits(path: Path, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        parts = [f"{what}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+                 for what, items in (("missing", missing), ("unexpected", extra),
+                                     ("other shapes", shapes)) if items]
+        raise SparseFileError(f"{path} holds the weights of another architecture than this "
+                              f"model ({'; '.join(parts)})")

@@ -19,13 +19,15 @@ import math
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 _LOG2 = math.log(2.0)
 
 
 def log_c(beta: float, A: float | torch.Tensor) -> float | torch.Tensor:
     """log c_t = log(β/2) − 4 A_t (β > 0)."""
     if beta <= 0:
-        raise ValueError(f"the mirror-flow theory needs beta > 0 (beta = 0 is spred), got {beta}")
+        raise UsageError(f"the mirror-flow theory needs beta > 0 (beta = 0 is spred), got {beta}")
     return math.log(beta / 2) - 4 * A
 
 

@@ -24,7 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import ImageData
-from .files import save_torch, write_json, write_rows, write_text
+from .errors import UsageError
+from .files import load_torch, save_torch, write_json, write_rows, write_text
 from .methods import Method
 from .provenance import provenance
 
@@ -46,11 +47,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+            raise UsageError(f"epochs and batch_size must be >= 1, got {self.epochs} and "
+                             f"{self.batch_size}")
         if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ValueError("need lr > 0, 0 <= momentum < 1 and weight_decay >= 0")
+            raise UsageError("need lr > 0, 0 <= momentum < 1 and weight_decay >= 0")
         if self.lr_schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"lr_schedule must be cosine, step or constant, got "
+            raise UsageError(f"lr_schedule must be cosine, step or constant, got "
                              f"{self.lr_schedule!r}")
 
     def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
@@ -136,31 +138,32 @@ def train(
     cfg.validate()
     rank, world = _rank_world()
     if world > cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the number of processes "
+        raise UsageError(f"batch_size {cfg.batch_size} is smaller than the number of processes "
                          f"{world}: each needs at least one example per step")
     dev = torch.device(device) if device is not None else default_device()
     model.to(dev)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
+    method.check_lr(cfg.lr * lr_scale)
+    config = run_config(cfg, method, lr_scale, train_data.name, len(train_data))
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    ck = check_resume(out, config, method, resume) if out else None
     method.attach(model, steps_per_epoch, cfg.epochs)
     method.setup()
     opt = torch.optim.SGD(method.param_groups(cfg.weight_decay), lr=cfg.lr,
                           momentum=cfg.momentum)
-    config = {**asdict(cfg), "method": method.name, "hparams": method.hp, "lr_scale": lr_scale,
-              "train_size": len(train_data), "dataset": train_data.name}
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / "checkpoint.pt" if out else None
     writer = out if rank == 0 else None
     progress = progress and rank == 0
     history: list[dict] = []
     start = 0
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt_path.exists():
-            if not resume:
-                raise ValueError(f"{ckpt_path} exists: resume it (--resume / resume=True) or "
-                                 "choose another output folder")
-            start, history = _resume(ckpt_path, config, model, opt, method)
+        if ck is not None:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            method.load_state_dict(ck["method"])
+            start, history = ck["epoch"], ck["history"]
         if writer:  # recorded, not compared: resuming elsewhere or on more processes is fine
             write_json(out / "config.json", {**config, "world_size": world,
                                              "provenance": provenance()})
@@ -261,26 +264,42 @@ def _sum_over_ranks(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
-def _resume(path: Path, config: dict, model, opt, method) -> tuple[int, list[dict]]:
-    try:
-        ck = torch.load(path, weights_only=False, map_location=next(model.parameters()).device)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); move it "
-                         "away to start over (it is never overwritten silently)") from e
+def run_config(cfg: TrainConfig, method: Method, lr_scale: float, dataset: str,
+               train_size: int | None) -> dict:
+    """What a training run's checkpoint records and a resume must match."""
+    return {**asdict(cfg), "method": method.name, "hparams": method.hp, "lr_scale": lr_scale,
+            "train_size": train_size, "dataset": dataset}
+
+
+def check_resume(out: str | Path, config: dict, method: Method, resume: bool
+                 ) -> dict[str, Any] | None:
+    """The checkpoint in `out` to continue (None if there is none), after checking that
+    resuming is asked for and that it was made with `config` (keys whose value is None in
+    `config` are not compared: unknown yet). UsageError, with the differences listed, if not;
+    the file is never changed."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.exists():
+        return None
+    if not resume:
+        raise UsageError(f"{path} exists: resume it (--resume / resume=True) or choose another "
+                         "output folder")
+    ck = load_torch(path, "training checkpoint")
+    if not isinstance(ck, dict) or not {"config", "model", "optimizer", "method", "epoch",
+                                        "history"} <= set(ck):
+        raise UsageError(f"{path} is not a training checkpoint of mirrorprune; move it away")
     saved = json.loads(json.dumps(ck["config"], default=str))
     now = json.loads(json.dumps(config, default=str))
     # a hyperparameter added to the method later, at its default, changes nothing
     saved["hparams"] = {**json.loads(json.dumps(method.defaults, default=str)),
                         **saved.get("hparams", {})}
-    if saved != now:
-        diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
-                if saved.get(k) != now.get(k)}
-        raise ValueError(f"checkpoint {path} was made with another configuration "
-                         f"(saved vs now: {diff}); use another output folder or move it away")
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    method.load_state_dict(ck["method"])
-    return ck["epoch"], ck["history"]
+    keys = [k for k in sorted(set(saved) | set(now)) if now.get(k, 0) is not None]
+    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in
+                          diff.items())
+        raise UsageError(f"checkpoint {path} was made with another configuration ({shown}); "
+                         "resume with the same options, or use another output folder")
+    return ck
 
 
 def _write_logs(out: Path, history: list[dict]) -> None:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..ci import mean_ci
 from ..data import load
+from ..errors import UsageError
 from ..methods import Method, Pilot
 from ..models import mlp
 from ..provenance import provenance
@@ -36,6 +37,9 @@ class DemoConfig:
 def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
     """Train dense and PILoT models for each seed, prune each to every sparsity, evaluate."""
     cfg = cfg or DemoConfig()
+    if cfg.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {cfg.seeds}")
+    cfg.train.validate()
     t0 = time.time()
     tr, te = load("digits", "train"), load("digits", "test")
     rows, report = [], None

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .. import schedules as S
 from .. import theory
+from ..errors import UsageError
 from ..files import save_figure, write_json, write_rows
 from ..provenance import provenance
 
@@ -68,13 +69,13 @@ class DiagConfig:
 
     def validate(self) -> None:
         if not 0 < self.k <= self.n or self.d < 1 or self.n < 2:
-            raise ValueError(f"need 0 < k <= n and d >= 1, got n={self.n} d={self.d} k={self.k}")
+            raise UsageError(f"need 0 < k <= n and d >= 1, got n={self.n} d={self.d} k={self.k}")
         if self.inits < 1 or self.steps < 1 or not self.lr > 0 or self.records < 2:
-            raise ValueError("inits and steps must be >= 1, records >= 2 and lr > 0")
+            raise UsageError("inits and steps must be >= 1, records >= 2 and lr > 0")
         if self.l1_step not in ("prox", "subgradient"):
-            raise ValueError(f"l1_step must be 'prox' or 'subgradient', got {self.l1_step!r}")
+            raise UsageError(f"l1_step must be 'prox' or 'subgradient', got {self.l1_step!r}")
         if self.sgd_batch is not None and not 1 <= self.sgd_batch <= self.d:
-            raise ValueError(f"--sgd-batch must be in [1, d={self.d}], got {self.sgd_batch}")
+            raise UsageError(f"--sgd-batch must be in [1, d={self.d}], got {self.sgd_batch}")
 
 
 def schedule_grid(cfg: DiagConfig, method: str) -> dict[str, S.Schedule]:

@@ -28,12 +28,15 @@ from pathlib import Path
 import torch
 
 from ..ci import mean_ci
-from ..files import save_figure, save_torch, write_json, write_rows
+from ..data import ImageData
+from ..errors import UsageError
+from ..files import load_torch, save_figure, save_torch, write_json, write_rows
 from ..methods import Method, Pilot
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report, unique_weights
 from ..train import TrainConfig, is_main, train
+from .common import check_methods, check_out
 from .oneshot import load_data
 from .oneshot import preset as oneshot_preset
 
@@ -60,13 +63,16 @@ class IterativeConfig:
 
     def validate(self) -> None:
         if self.mode not in ("imp", "lrr"):
-            raise ValueError(f"mode must be imp or lrr, got {self.mode!r}")
+            raise UsageError(f"mode must be imp or lrr, got {self.mode!r}")
         if not 0 < self.keep < 1 or self.cycles < 1 or self.epochs < 1 or self.seeds < 1:
-            raise ValueError("need 0 < keep < 1 and cycles, epochs, seeds >= 1")
+            raise UsageError(f"need 0 < --keep < 1 and --cycles, --epochs, --seeds >= 1; got "
+                             f"keep {self.keep}, cycles {self.cycles}, epochs {self.epochs}, "
+                             f"seeds {self.seeds}")
         if not 0 <= self.rewind_epoch <= self.epochs:
-            raise ValueError(f"rewind_epoch must be in [0, epochs={self.epochs}]")
+            raise UsageError(f"rewind_epoch must be in [0, epochs={self.epochs}]")
         if self.mode == "lrr" and self.rewind_epoch:
-            raise ValueError("rewind_epoch applies to IMP only (LRR keeps the trained weights)")
+            raise UsageError("rewind_epoch applies to IMP only (LRR keeps the trained weights)")
+        oneshot_preset(self.preset, self.dataset, self.model)
 
 
 def _method(cfg: IterativeConfig) -> Method:
@@ -78,9 +84,27 @@ def _seed_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "seeds"}
 
 
-def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list[dict]:
+def _read_state(path: Path, cfg: IterativeConfig) -> dict | None:
+    """The driver state of one seed (None if there is none yet); UsageError, listing the
+    differences, if it belongs to another configuration."""
+    if not path.exists():
+        return None
+    state = load_torch(path, "iterative-pruning state")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise UsageError(f"{path} is not an iterative-pruning state of mirrorprune; move it away")
+    saved, now = _seed_config(state["config"]), _seed_config(asdict(cfg))
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)}
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise UsageError(f"{path} belongs to another configuration ({shown}); use the same "
+                         "options, or another --out")
+    return state
+
+
+def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool, tr: ImageData,
+             te: ImageData) -> list[dict]:
     p = oneshot_preset(cfg.preset, cfg.dataset, cfg.model)
-    tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     tcfg = TrainConfig(**{**asdict(p["train"]), "epochs": cfg.epochs, "seed": seed})
     scale = p["lr_scale_mw"] if cfg.pilot else 1.0
     sdir = out / cfg.variant / f"seed{seed}"
@@ -89,13 +113,9 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool) -> list
     torch.manual_seed(seed)
     init = create_model(cfg.model, 10, tr.shape).state_dict()
     mine = _seed_config(asdict(cfg))
-    state = {"config": mine, "done": 0, "rows": [], "masks": None,
-             "start": copy.deepcopy(init), "start_wrapped": None, "rewind": None}
-    if state_path.exists():
-        saved = torch.load(state_path, weights_only=False)
-        if _seed_config(saved["config"]) != mine:
-            raise ValueError(f"{state_path} belongs to another configuration; use another --out")
-        state = saved
+    state = _read_state(state_path, cfg) or {
+        "config": mine, "done": 0, "rows": [], "masks": None, "start": copy.deepcopy(init),
+        "start_wrapped": None, "rewind": None}
     for cycle in range(state["done"], cfg.cycles + 1):
         torch.manual_seed(seed)
         model = create_model(cfg.model, 10, tr.shape)
@@ -133,7 +153,7 @@ def collect(out: Path) -> list[dict]:
     """All rows of every variant and seed found in OUT."""
     rows = []
     for state_path in sorted(out.glob("*/seed*/state.pt")):
-        rows += torch.load(state_path, weights_only=False)["rows"]
+        rows += load_torch(state_path, "iterative-pruning state")["rows"]
     return rows
 
 
@@ -170,16 +190,28 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def run(cfg: IterativeConfig, out: str | Path, progress: bool = True) -> dict:
+    """Run (or continue) every seed of `cfg`'s variant in `out`; iterative.csv/.png then show
+    every variant and seed found in `out`."""
     cfg.validate()
     t0 = time.time()
     out = Path(out)
+    # everything that can be checked before loading data or writing a file
+    p = oneshot_preset(cfg.preset, cfg.dataset, cfg.model)
+    check_methods({cfg.variant: _method(cfg)}, cfg.dataset, cfg.model, p["train"].lr,
+                  p["lr_scale_mw"], cfg.data_dir)
+    check_out(out)
+    for seed in range(cfg.seeds):
+        _read_state(out / cfg.variant / f"seed{seed}" / "state.pt", cfg)
+    for other in sorted(out.glob("*/seed*/state.pt")):  # the table reads them all
+        load_torch(other, "iterative-pruning state")
+    tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
         write_json(out / f"config-{cfg.variant}.json",
                    {"iterative": asdict(cfg), "provenance": provenance()})
     mine = []
     for seed in range(cfg.seeds):
-        mine += run_seed(cfg, seed, out, progress)
+        mine += run_seed(cfg, seed, out, progress, tr, te)
     if not is_main():  # under torchrun only rank 0 writes the results
         return {"rows": mine, "seconds": time.time() - t0}
     rows = collect(out)

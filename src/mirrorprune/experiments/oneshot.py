@@ -20,12 +20,22 @@ import torch
 
 from ..ci import mean_ci
 from ..data import ImageData, load
+from ..errors import UsageError
 from ..files import save_figure, write_json, write_rows, write_text
 from ..methods import METHODS, create_method
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report
-from ..train import TrainConfig, evaluate, is_main, recalibrate_bn, train
+from ..train import TrainConfig, check_resume, evaluate, is_main, recalibrate_bn, run_config, train
+from .common import (
+    check_methods,
+    check_out,
+    check_unique,
+    make_methods,
+    merge_rows,
+    ordered,
+    previous_config,
+)
 
 SWEEP = tuple(1 - 0.8**k for k in range(1, 26))
 TABLE = (0.8, 0.9, 0.95, 0.98, 0.99)
@@ -38,7 +48,7 @@ def preset(name: str, dataset: str, model: str) -> dict[str, Any]:
                                      lr_schedule="cosine"),
                 "lr_scale_mw": 2.0, "train_subset": None, "test_subset": None}
     if name != "cpu":
-        raise ValueError(f"unknown preset {name!r}; choose cpu or paper")
+        raise UsageError(f"unknown preset {name!r}; choose cpu or paper")
     # The paper doubles the learning rate of m ⊙ w models on BatchNorm ResNets; the BN-free MLPs
     # diverge with it, so they keep one learning rate for every method.
     if dataset in ("mnist", "fashion-mnist"):
@@ -69,13 +79,28 @@ class OneshotConfig:
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
-            raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+            raise UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        check_unique(self.methods)
         bad_hp = [m for m in self.hparams if m not in self.methods]
         if bad_hp:
-            raise ValueError(f"hyperparameters given for method(s) {bad_hp} that are not run")
+            raise UsageError(f"hyperparameters given for method(s) {bad_hp} that are not run")
         if self.seeds < 1:
-            raise ValueError("seeds must be >= 1")
+            raise UsageError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.epochs is not None and self.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1 (or left out for the preset's), got "
+                             f"{self.epochs}")
         preset(self.preset, self.dataset, self.model)
+
+    def shared(self) -> dict[str, Any]:
+        """The settings every method of one output folder must share."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("methods", "seeds", "hparams", "data_dir")}
+
+
+def train_config(cfg: OneshotConfig, seed: int) -> TrainConfig:
+    tcfg = preset(cfg.preset, cfg.dataset, cfg.model)["train"]
+    return TrainConfig(**{**asdict(tcfg), "seed": seed,
+                          "epochs": tcfg.epochs if cfg.epochs is None else cfg.epochs})
 
 
 def load_data(dataset: str, p: dict, data_dir: str | None = None
@@ -97,9 +122,7 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     (default: the sweep 1 − 0.8^k and the table's 80/90/95/98/99%)."""
     levels = sorted(set(sparsities) if sparsities else set(SWEEP) | set(TABLE))
     p = preset(cfg.preset, cfg.dataset, cfg.model)
-    tcfg = p["train"]
-    tcfg = TrainConfig(**{**asdict(tcfg), "seed": seed,
-                          "epochs": cfg.epochs or tcfg.epochs})
+    tcfg = train_config(cfg, seed)
     rundir = out / "runs" / method_name / f"seed{seed}"
     torch.manual_seed(seed)
     model = create_model(cfg.model, 10, tr.shape)
@@ -189,32 +212,55 @@ def plot(summary: list[dict], methods: tuple[str, ...], title: str, path: Path) 
     plt.close(fig)
 
 
+def check_runs(cfg: OneshotConfig, out: Path, resume: bool) -> None:
+    """Everything about a run that can be checked before data is loaded or a file written:
+    hyperparameters, selection, data location, output folder, existing checkpoints."""
+    p = preset(cfg.preset, cfg.dataset, cfg.model)
+    methods = make_methods(cfg.methods, cfg.hparams, cfg.exclude)
+    check_methods(methods, cfg.dataset, cfg.model, p["train"].lr, p["lr_scale_mw"],
+                  cfg.data_dir)
+    check_out(out)
+    for seed in range(cfg.seeds):
+        for name, method in methods.items():
+            scale = p["lr_scale_mw"] if method.uses_mw else 1.0
+            config = run_config(train_config(cfg, seed), method, scale, cfg.dataset, None)
+            check_resume(out / "runs" / name / f"seed{seed}", config, method, resume)
+
+
 def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool = False
         ) -> dict:
     """Train and sweep every (method, seed); with resume, existing runs are continued or reused
-    (their configuration must match), otherwise an existing run is an error."""
+    (their configuration must match), otherwise an existing run is an error. Methods already
+    in `out` from an earlier invocation (same shared settings) keep their rows unless re-run."""
     cfg.validate()
     t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    previous = previous_config(out, "oneshot.csv", cfg.shared(), "oneshot")
+    check_runs(cfg, out, resume)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)
-    resolved = {"oneshot": asdict(cfg), "preset": {**p, "train": asdict(p["train"])},
-                "train_size": len(tr), "test_size": len(te), "provenance": provenance()}
-    if is_main():
-        write_json(out / "config.json", resolved)
     rows = []
     for seed in range(cfg.seeds):
         for m in cfg.methods:
             rows += run_one(cfg, m, seed, tr, te, out, progress, resume)
-    summary = summarize(rows, cfg.methods)
     if not is_main():  # under torchrun only rank 0 writes the results
-        return {"table": "", "summary": summary, "seconds": time.time() - t0, "files": []}
+        return {"table": "", "summary": summarize(rows, cfg.methods),
+                "seconds": time.time() - t0, "files": []}
+    rows = merge_rows(out, "oneshot.csv", rows, "method", cfg.methods)
+    methods = ordered(rows, "method")
+    runs = {**(previous or {}).get("methods", {}),
+            **{m: {"seeds": cfg.seeds, "hparams": cfg.hparams.get(m, {})} for m in cfg.methods}}
+    write_json(out / "config.json", {
+        "oneshot": cfg.shared(), "methods": {m: runs[m] for m in methods},
+        "preset": {**p, "train": asdict(p["train"])}, "data_dir": cfg.data_dir,
+        "train_size": len(tr), "test_size": len(te), "provenance": provenance()})
+    summary = summarize(rows, methods)
     write_rows(out / "oneshot.csv", rows)
-    title = (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, {cfg.seeds} seed(s), "
-             f"{len(tr)} train images")
-    plot(summary, cfg.methods, title, out / "oneshot.png")
-    table = markdown_table(rows, summary, cfg.methods)
+    seeds = sorted({runs[m]["seeds"] for m in methods})
+    title = (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
+             f"{'/'.join(map(str, seeds))} seed(s), {len(tr)} train images")
+    plot(summary, methods, title, out / "oneshot.png")
+    table = markdown_table(rows, summary, methods)
     write_text(out / "oneshot.md", f"{title}\n\nTest accuracy (%), mean ± 95% CI over seeds.\n\n"
                                     f"{table}\n")
     return {"table": table, "summary": summary, "seconds": time.time() - t0,

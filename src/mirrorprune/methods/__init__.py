@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import UsageError
 from ..reparam import Selector
 from .base import L1, Method
 from .gmp import GMP
@@ -18,7 +19,7 @@ def create_method(name: str, include: Selector = None, exclude: Selector = (),
                   **hparams: Any) -> Method:
     """A method by name (see METHODS) with its hyperparameters."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name](include=include, exclude=exclude, **hparams)
 
 

@@ -1,16 +1,101 @@
-"""The one small interface every method implements, and dense training (x = x) as its base."""
+"""The one small interface every method implements, dense training (x = x) as its base, and
+typed hyperparameters: each method declares them as a dataclass (`HParams` subclass) whose
+fields carry type, default, range and a one-line help; `parse_hparams` turns user values (from
+the API or `--hp NAME.KEY=VALUE`) into it, naming the valid keys, types and ranges on error."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import numbers
+import typing
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import UsageError, check_number
 from ..prune import pruned_mass
-from ..reparam import Selector, select_modules
+from ..reparam import Selector, safe_deepcopy, select_modules
+
+
+def hparam(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A hyperparameter field: its default, one line of help, and the allowed values."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+        "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    """Base of every method's hyperparameters (none: dense training)."""
+
+    def check(self) -> None:
+        """Checks across fields (after each field was checked on its own)."""
+
+
+def _kind(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
+    """(float, int or str, whether None is allowed) of a field."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if args:  # X | None
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
+def describe(cls: type[HParams], f: dataclasses.Field) -> str:
+    """"alpha (float >= 0, default 0.001): what it does" for one field."""
+    kind, optional = _kind(cls, f)
+    md = f.metadata
+    if md["choices"]:
+        what = " | ".join(md["choices"])
+    else:
+        lo, hi = md["low"], md["high"]
+        what = kind.__name__
+        if lo is not None and hi is not None:
+            what += (f" in {'(' if md['low_open'] else '['}{lo:g}, "
+                     f"{hi:g}{')' if md['high_open'] else ']'}")
+        elif lo is not None:
+            what += f" {'>' if md['low_open'] else '>='} {lo:g}"
+        elif hi is not None:
+            what += f" {'<' if md['high_open'] else '<='} {hi:g}"
+    if optional:
+        what += " or None"
+    return f"{f.name} ({what}, default {f.default!r}): {md['help']}"
+
+
+def _coerce(cls: type[HParams], f: dataclasses.Field, value: Any, what: str) -> Any:
+    kind, optional = _kind(cls, f)
+    md = f.metadata
+    if value is None and optional:
+        return None
+    if kind is float:
+        return check_number(value, what, md["low"], md["high"], md["low_open"], md["high_open"])
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise UsageError(f"{what} must be an integer, got {value!r}")
+        return int(check_number(value, what, md["low"], md["high"]))
+    if not isinstance(value, str) or (md["choices"] and value not in md["choices"]):
+        raise UsageError(f"{what} must be one of {', '.join(md['choices'] or ('a string',))}, "
+                         f"got {value!r}")
+    return value
+
+
+def parse_hparams(cls: type[HParams], values: dict[str, Any], method: str) -> HParams:
+    """`values` (name -> value) checked and converted into `cls`; unset fields keep their
+    defaults."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        valid = "; ".join(describe(cls, f) for f in fields.values()) or "none"
+        raise UsageError(f"unknown hyperparameter(s) {unknown} for method {method!r}; "
+                         f"valid: {valid}")
+    out = cls(**{k: _coerce(cls, fields[k], v, f"{method}.{k}") for k, v in values.items()})
+    out.check()
+    return out
 
 
 class Method:
@@ -25,15 +110,16 @@ class Method:
 
     name = "dense"
     uses_mw = False  # trains a product m ⊙ w (the paper gives those a doubled learning rate)
-    defaults: dict[str, Any] = {}
+    Config: type[HParams] = HParams  # the method's hyperparameters
+    defaults: dict[str, Any] = {}  # Config's defaults as a dict (set for each subclass)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.defaults = dataclasses.asdict(cls.Config())
 
     def __init__(self, include: Selector = None, exclude: Selector = (), **hparams: Any):
-        unknown = set(hparams) - set(self.defaults)
-        if unknown:
-            valid = ", ".join(f"{k} (default {v!r})" for k, v in self.defaults.items()) or "none"
-            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for method "
-                             f"{self.name!r}; valid: {valid}")
-        self.hp = {**self.defaults, **hparams}
+        self.config = parse_hparams(self.Config, hparams, self.name)
+        self.hp = dataclasses.asdict(self.config)
         self.include, self.exclude = include, exclude
         self.model: nn.Module | None = None
         self.step_count = 0
@@ -70,6 +156,10 @@ class Method:
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "weight_decay": weight_decay}]
+
+    def check_lr(self, lr: float) -> None:
+        """Refuse, before training, hyperparameters that cannot work with this largest
+        learning rate (UsageError)."""
 
     def penalty(self) -> torch.Tensor | None:
         return None
@@ -117,7 +207,7 @@ class Method:
         return out
 
     def export(self) -> nn.Module:
-        return copy.deepcopy(self.model)
+        return safe_deepcopy(self.model)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "snapshot": self.snapshot}
@@ -130,7 +220,11 @@ class L1(Method):
     """Dense with an explicit L1 penalty λ‖x‖₁ on the prunable weights (SPEC §3)."""
 
     name = "l1"
-    defaults = {"lam": 1e-4}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(HParams):
+        lam: float = hparam(1e-4, "λ of the penalty λ‖x‖₁, summed over all prunable weights",
+                            low=0)
 
     def penalty(self) -> torch.Tensor:
         return self.hp["lam"] * sum(mod.weight.abs().sum() for _, mod in self.modules)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from ..errors import UsageError
 from ..prune import magnitude_masks
-from .base import Method
+from .base import HParams, Method, hparam
 
 
 class GMP(Method):
@@ -14,12 +17,24 @@ class GMP(Method):
     are held at zero after every optimizer step."""
 
     name = "gmp"
-    defaults = {"target": 0.9, "start": 0.1, "end": 0.75, "every": 50, "scope": "global"}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(HParams):
+        target: float = hparam(0.9, "sparsity reached at the end of the ramp", low=0, high=1,
+                               high_open=True)
+        start: float = hparam(0.1, "fraction of training where the ramp starts", low=0, high=1)
+        end: float = hparam(0.75, "fraction of training where the ramp ends", low=0, high=1)
+        every: int = hparam(50, "steps between mask updates", low=1)
+        scope: str = hparam("global", "magnitude ranking across layers or per layer",
+                            choices=("global", "layer"))
+
+        def check(self) -> None:
+            if not self.start < self.end:
+                raise UsageError(f"gmp needs start < end (fractions of training), got start "
+                                 f"{self.start} and end {self.end}")
 
     def attach(self, model, steps_per_epoch, epochs):
         super().attach(model, steps_per_epoch, epochs)
-        if not 0 <= self.hp["start"] < self.hp["end"] <= 1:
-            raise ValueError("gmp needs 0 <= start < end <= 1 (fractions of training)")
         self.total = steps_per_epoch * epochs
         self.masks: dict[str, torch.Tensor] | None = None
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from .. import schedules as S
+from ..errors import UsageError
 from ..pilot import PILoT
 from ..prune import pruned_mass
-from .base import Method
+from .base import HParams, Method, hparam
 
 
 class Pilot(Method):
@@ -24,14 +26,36 @@ class Pilot(Method):
 
     name = "pilot"
     uses_mw = True
-    defaults = {"alpha": 1e-3, "schedule": "geometric", "p": None, "decay_to": 0.01, "beta": 1.0,
-                "target": None, "delta": 1.5, "acc_tol": 0.01, "mass_tol": 0.4}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(HParams):
+        alpha: float = hparam(1e-3, "α per step in the first epoch (target: the starting α)",
+                              low=0)
+        schedule: str = hparam("geometric", "how α changes from epoch to epoch",
+                               choices=("geometric", "constant", "harmonic", "quadratic", "half",
+                                        "target"))
+        p: float | None = hparam(None, "geometric: α·p^epoch (None: decay_to^(1/epochs))",
+                                 low=0, high=1, low_open=True, high_open=True)
+        decay_to: float = hparam(0.01, "geometric with p None: α of the last epoch / α", low=0,
+                                 high=1, low_open=True, high_open=True)
+        beta: float = hparam(1.0, "m0² − w0² at initialization (0: spred's)", low=0)
+        target: float | None = hparam(None, "target: the sparsity the controller aims at", low=0,
+                                      high=1, low_open=True, high_open=True)
+        delta: float = hparam(1.5, "target: factor by which α rises or falls per epoch", low=1,
+                              low_open=True)
+        acc_tol: float = hparam(0.01, "target: training-accuracy drop that holds α", low=0)
+        mass_tol: float = hparam(0.4, "target: stop raising α once pruning to the target "
+                                 "would remove this fraction of ‖x‖₁", low=0, high=1,
+                                 low_open=True)
+
+        def check(self) -> None:
+            if self.schedule == "target" and self.target is None:
+                raise UsageError("pilot.schedule=target needs pilot.target (a sparsity in "
+                                 "(0, 1), e.g. 0.9)")
 
     def make_schedule(self) -> S.Schedule:
         a, kind = self.hp["alpha"], self.hp["schedule"]
         if kind == "target":
-            if self.hp["target"] is None:
-                raise ValueError("schedule='target' needs the hyperparameter target (a sparsity)")
             return S.TargetController(a, self.hp["target"], self.epochs, delta=self.hp["delta"],
                                       acc_tol=self.hp["acc_tol"], mass_tol=self.hp["mass_tol"])
         if kind == "geometric":
@@ -39,12 +63,9 @@ class Pilot(Method):
             per_epoch = S.Geometric(a, p)
         elif kind == "half":
             per_epoch = S.OffAfter(S.Constant(a), max(1, self.epochs // 2))
-        elif kind in ("constant", "harmonic", "quadratic"):
+        else:
             per_epoch = {"constant": S.Constant, "harmonic": S.Harmonic,
                          "quadratic": S.Quadratic}[kind](a)
-        else:
-            raise ValueError(f"unknown PILoT schedule {kind!r}; choose geometric, constant, "
-                             "harmonic, quadratic, half or target")
         return S.Every(per_epoch, self.steps_per_epoch)
 
     def attach(self, model, steps_per_epoch, epochs):
@@ -54,6 +75,14 @@ class Pilot(Method):
 
     def param_groups(self, weight_decay):
         return self.pilot.param_groups(weight_decay)
+
+    def check_lr(self, lr):
+        alpha = self.hp.get("alpha", 0.0)  # l1_m trains m ⊙ w without α
+        if 2 * alpha * lr >= 1:
+            raise UsageError(f"{self.name}.alpha {alpha:g} is too large for the learning rate "
+                             f"{lr:g}: each step would multiply m and w by 1 − 2·alpha·lr = "
+                             f"{1 - 2 * alpha * lr:g} <= 0; PILoT's alpha is typically "
+                             "1e-5..1e-2 per step")
 
     def before_step(self, lr):
         self.pilot.step(lr=lr)
@@ -91,7 +120,10 @@ class Spred(Pilot):
     constant weight decay alpha on m and w — at the optimum an L1 penalty 2α‖x‖₁."""
 
     name = "spred"
-    defaults = {"alpha": 1e-4}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(HParams):
+        alpha: float = hparam(1e-4, "constant weight decay α on m and w, per step", low=0)
 
     def make_schedule(self):
         return S.Constant(self.hp["alpha"])
@@ -106,7 +138,11 @@ class L1OnM(Pilot):
     """x = m ⊙ w (β = 1) with an L1 penalty λ‖m‖₁ and ordinary weight decay on every parameter."""
 
     name = "l1_m"
-    defaults = {"lam": 1e-4, "beta": 1.0}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(HParams):
+        lam: float = hparam(1e-4, "λ of the penalty λ‖m‖₁", low=0)
+        beta: float = hparam(1.0, "m0² − w0² at initialization", low=0)
 
     def make_schedule(self):
         return S.Constant(0.0)

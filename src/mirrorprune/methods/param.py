@@ -3,14 +3,15 @@ Continuous Sparsification, Powerpropagation and STR (SPEC §3)."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import Method
+from ..reparam import safe_deepcopy
+from .base import HParams, Method, hparam
 
 
 class _Parametrized(Method):
@@ -48,7 +49,7 @@ class _Parametrized(Method):
 
     @torch.no_grad()
     def export(self) -> nn.Module:
-        model = copy.deepcopy(self.model)
+        model = safe_deepcopy(self.model)
         for n, _ in self.modules:
             copy_mod = model.get_submodule(n)
             if not parametrize.is_parametrized(copy_mod, "weight"):
@@ -82,7 +83,12 @@ class ContinuousSparsification(_Parametrized):
     mask 1[s > 0]. s starts at s_init (negative for high sparsity); no weight decay on s."""
 
     name = "cs"
-    defaults = {"lam": 1e-8, "s_init": -0.05, "t_final": 200.0}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(HParams):
+        lam: float = hparam(1e-8, "λ of the penalty λ Σ σ(T·s)", low=0)
+        s_init: float = hparam(-0.05, "initial mask logit s (negative: sparser)")
+        t_final: float = hparam(200.0, "temperature T at the last epoch (from 1)", low=1)
 
     def make_param(self, weight):
         return _SigmoidMask(weight.shape, self.hp["s_init"])
@@ -119,11 +125,12 @@ class Powerprop(_Parametrized):
     ordinary weight decay on v."""
 
     name = "powerprop"
-    defaults = {"a": 2.0}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(HParams):
+        a: float = hparam(2.0, "exponent of x = v·|v|^(a−1)", low=1)
 
     def make_param(self, weight):
-        if not self.hp["a"] >= 1:
-            raise ValueError(f"powerprop exponent a must be >= 1, got {self.hp['a']}")
         return _Power(self.hp["a"])
 
 
@@ -142,7 +149,10 @@ class STR(_Parametrized):
     the weight decay: a larger s_init or decay gives sparser models."""
 
     name = "str"
-    defaults = {"s_init": -3.0}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(HParams):
+        s_init: float = hparam(-3.0, "initial threshold logit s of every layer (larger: sparser)")
     decay_own = True
 
     def make_param(self, weight):
