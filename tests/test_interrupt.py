@@ -54,12 +54,12 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
             return False
 
     _kill_when(_cli(*args, "--out", str(run)), mid_training)
-    done = torch.load(ckpt, weights_only=False)["epoch"]
+    done = torch.load(ckpt, weights_only=True)["epoch"]
     assert 3 <= done < 40
     _run(_cli(*args, "--out", str(run), "--resume"))
     ref = tmp_path / "ref" / "runs" / "pilot" / "seed0"
-    a = torch.load(ref / "checkpoint.pt", weights_only=False)
-    b = torch.load(ckpt, weights_only=False)
+    a = torch.load(ref / "checkpoint.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
     assert a["epoch"] == b["epoch"] == 40
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -87,7 +87,7 @@ def test_sigkill_mid_cycle_of_iterative_pruning_then_resume(tmp_path):
     assert (tmp_path / "ref" / "iterative.csv").read_bytes() == (run / "iterative.csv").read_bytes()
     for c in ("cycle00", "cycle01", "cycle02", "cycle03"):
         ref = torch.load(tmp_path / "ref" / "lrr+pilot" / "seed0" / c / "checkpoint.pt",
-                         weights_only=False)["model"]
+                         weights_only=True)["model"]
         got = torch.load(run / "lrr+pilot" / "seed0" / c / "checkpoint.pt",
-                         weights_only=False)["model"]
+                         weights_only=True)["model"]
         assert all(torch.equal(ref[k], got[k]) for k in ref), c

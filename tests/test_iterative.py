@@ -23,13 +23,13 @@ def test_cycles_reach_exact_sparsity_and_keep_pruned_weights_at_zero(tmp_path, m
     assert [r["cycle"] for r in rows] == [0, 1, 2]
     assert [r["sparsity"] for r in rows] == pytest.approx([0.0, 0.2, 0.36], abs=1e-4)
     assert all(0.5 < r["accuracy"] <= 1 for r in rows)
-    state = torch.load(tmp_path / cfg.variant / "seed0" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / cfg.variant / "seed0" / "state.pt", weights_only=True)
     assert state["done"] == 3 and set(state["masks"]) == {"1.weight", "3.weight", "5.weight"}
     if mode == "imp" and rewind:
         assert state["rewind"] is not None
     if pilot:  # the last cycle's checkpoint: pruned entries are the saddle m = w = 0
         ck = torch.load(tmp_path / cfg.variant / "seed0" / "cycle02" / "checkpoint.pt",
-                        weights_only=False)["model"]
+                        weights_only=True)["model"]
         mask = state["masks"]["3.weight"]  # masks for cycle 2 were computed after cycle 1
         assert (ck["3.weight_m"][~mask] == 0).all() and (ck["3.weight_w"][~mask] == 0).all()
     header = (tmp_path / "iterative.csv").read_text().splitlines()[0]

@@ -36,3 +36,30 @@ def test_oneshot_validation(tmp_path, capsys):
                       (["--hp", "alpha=1"], "METHOD.NAME=VALUE")):
         assert main(["oneshot", *args, "--out", str(tmp_path)]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_other_methods_add_rows_and_rerun_methods_replace_theirs(tmp_path, capsys):
+    import json
+
+    base = ["oneshot", "--dataset", "digits", "--seeds", "1", "--epochs", "1", "--quiet",
+            "--out", str(tmp_path)]
+    assert main([*base, "--methods", "dense,gmp", "--hp", "gmp.target=0.5"]) == 0
+    first = (tmp_path / "oneshot.csv").read_text().splitlines()
+    assert main([*base, "--methods", "pilot"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "oneshot.csv")))
+    assert [m for m in dict.fromkeys(r["method"] for r in rows)] == ["dense", "gmp", "pilot"]
+    # the earlier methods' rows are kept byte for byte, the new method's appended
+    assert (tmp_path / "oneshot.csv").read_text().splitlines()[: len(first)] == first
+    md = (tmp_path / "oneshot.md").read_text()
+    assert "| dense |" in md and "| gmp |" in md and "| pilot |" in md
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert list(cfg["methods"]) == ["dense", "gmp", "pilot"]
+    assert cfg["methods"]["gmp"]["hparams"] == {"gmp": {"target": 0.5}}["gmp"]
+    # re-running a method (a second seed) replaces its rows only
+    assert main([*base[:3], "--seeds", "2", *base[5:], "--methods", "dense", "--resume"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "oneshot.csv")))
+    seeds = {m: sorted({r["seed"] for r in rows if r["method"] == m}) for m in
+             ("dense", "gmp", "pilot")}
+    assert seeds == {"dense": ["0", "1"], "gmp": ["0"], "pilot": ["0"]}
+    assert json.loads((tmp_path / "config.json").read_text())["methods"]["dense"]["seeds"] == 2
+    capsys.readouterr()

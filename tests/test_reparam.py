@@ -161,3 +161,61 @@ def test_model_without_prunable_weights_and_double_wrap():
     mp.PILoT(model, 1e-3)
     with pytest.raises(ValueError, match="already reparametrized"):
         mp.PILoT(model, 1e-3)
+
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _managed(kind):
+    """A LeNet-like net whose middle layer's weight is computed by `kind`."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 3))
+    if kind == "parametrize":
+        torch.nn.utils.parametrize.register_parametrization(net[2], "weight", _Scale())
+    elif kind == "prune":
+        torch.nn.utils.prune.l1_unstructured(net[2], "weight", amount=0.5)
+    elif kind == "weight_norm":
+        net[2] = torch.nn.utils.weight_norm(net[2])
+    elif kind == "spectral_norm":
+        net[2] = torch.nn.utils.spectral_norm(net[2])
+    net(torch.randn(4, 8))  # old-style hooks leave the computed weight on the module
+    return net
+
+
+@pytest.mark.parametrize("kind, named", [
+    ("parametrize", "parametrize"), ("prune", "torch.nn.utils.prune mask"),
+    ("weight_norm", "weight_norm"), ("spectral_norm", "spectral_norm")])
+def test_weights_computed_by_torch_utilities_are_refused_by_name(kind, named):
+    with pytest.raises(ValueError, match=rf"2: .*{named}.*exclude=\['2'\]"):
+        mp.PILoT(_managed(kind), 1e-3)
+    net = _managed(kind)
+    pilot = mp.PILoT(net, 1e-3, exclude=("2",))  # the way out
+    x = torch.randn(4, 8)
+    net(x).sum().backward()
+    pilot.step(lr=0.1)
+    plain = pilot.finalize(0.5).eval()  # never crashes on the excluded, hook-managed layer
+    assert not mp.is_wrapped(plain)
+    torch.testing.assert_close(plain(x), mp.finalize(net, 0.5).eval()(x))
+
+
+def test_sparse_embeddings_are_refused_up_front():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="0: embeddings with sparse=True.*sparse=False"):
+        mp.PILoT(model, 1e-3, include=[nn.Embedding])
+    mp.PILoT(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), 1e-3, include=[nn.Embedding])
+
+
+def test_numpy_numbers_are_accepted_and_bad_learning_rates_refused():
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    pilot = mp.PILoT(model, np.float32(1e-3), beta=np.float32(1.0))
+    for s in (np.float32(0.5), np.float64(0.5), np.int64(0)):
+        assert mp.sparsity_report(pilot.finalize(s)).sparsity == pytest.approx(float(s), abs=0.01)
+    for lr in (float("nan"), -0.1, float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="lr .*must be a finite number >= 0"):
+            pilot.step(lr=lr)
+    assert pilot.steps == 0

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -110,11 +111,11 @@ def test_transformer_block_stays_correct():
 
 def test_save_load_sparse_round_trip_is_exact_and_small(tmp_path):
     model = _sparse_lenet(0.95)
-    size = mp.save_sparse(model, tmp_path / "m.pt")
+    size = mp.save_sparse(model, tmp_path / "m.safetensors")
     torch.save(model.state_dict(), tmp_path / "dense.pt")
     assert size < 0.15 * (tmp_path / "dense.pt").stat().st_size
     fresh = lenet_300_100(10, 784)
-    state = mp.load_sparse(tmp_path / "m.pt", fresh)
+    state = mp.load_sparse(tmp_path / "m.safetensors", fresh)
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v) and torch.equal(fresh.state_dict()[k], v)
     # an exported (CSR) model saves to the same tensors
@@ -124,3 +125,145 @@ def test_save_load_sparse_round_trip_is_exact_and_small(tmp_path):
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a sparse file written by mirrorprune.save_sparse"):
         mp.load_sparse(tmp_path / "other.pt")
+
+
+def _state_with_signed_zeros():
+    torch.manual_seed(0)
+    model = mp.prune(lenet_300_100(10, 784), 0.95)
+    w = model[1].weight.data
+    w[0, :5] = -0.0  # -0.0 and NaN are values, not zeros: they must come back as they were
+    w[1, 0] = float("nan")
+    return model
+
+
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def test_sparse_files_are_safetensors_and_round_trip_bit_for_bit(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    model = _state_with_signed_zeros()
+    size = mp.save_sparse(model, tmp_path / "m.safetensors")
+    assert size == (tmp_path / "m.safetensors").stat().st_size
+    state = mp.load_sparse(tmp_path / "m.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(_bits(state[k]), _bits(v)), k
+    raw = st.load_file(tmp_path / "m.safetensors")  # a standard file: any safetensors reader
+    assert raw["1.weight/values"].numel() < 0.06 * 784 * 300
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_pruning_leaves_no_negative_zeros():
+    torch.manual_seed(0)
+    pruned = mp.prune(lenet_300_100(10, 784), 0.9)
+    w = torch.cat([p.flatten() for p in pruned.parameters()])
+    assert not ((w == 0) & w.signbit()).any()
+
+
+def test_every_changed_byte_is_detected_or_harmless(tmp_path):
+    pytest.importorskip("safetensors")
+    model = _sparse_lenet(0.95)
+    path = tmp_path / "m.safetensors"
+    mp.save_sparse(model, path)
+    good = path.read_bytes()
+    ref = mp.load_sparse(path)
+    rng = np.random.default_rng(0)
+    header = int.from_bytes(good[:8], "little") + 8
+    positions = list(rng.integers(0, header, 40)) + list(rng.integers(header, len(good), 80))
+    for i in positions:
+        bad = bytearray(good)
+        bad[i] ^= 0x10
+        path.write_bytes(bytes(bad))
+        try:
+            got = mp.load_sparse(path)
+        except mp.sparse.SparseFileError:
+            continue
+        # a change the format ignores (e.g. in the header's padding) loads the same weights
+        assert all(torch.equal(_bits(got[k]), _bits(v)) for k, v in ref.items()), i
+    bad = bytearray(good)
+    bad[len(good) - 3] ^= 1  # a value's low bit
+    path.write_bytes(bytes(bad))
+    with pytest.raises(mp.sparse.SparseFileError, match="checksum"):
+        mp.load_sparse(path)
+
+
+def _legacy_file(model, path):
+    """The torch format that release 0.1.0 wrote."""
+    enc = {}
+    for k, t in model.state_dict().items():
+        if t.numel() >= 64:
+            mask = t != 0
+            enc[k] = {"shape": tuple(t.shape), "dtype": t.dtype,
+                      "bitmask": mp.sparse._pack(mask), "values": t[mask].clone()}
+        else:
+            enc[k] = t.clone()
+    torch.save({"format": "mirrorprune-sparse-v1", "tensors": enc}, path)
+
+
+def test_bad_sparse_files_get_one_sentence(tmp_path):
+    pytest.importorskip("safetensors")
+    import safetensors.torch
+
+    model = _sparse_lenet(0.95)
+    good = tmp_path / "good.safetensors"
+    mp.save_sparse(model, good)
+    _legacy_file(model, tmp_path / "legacy.pt")  # still read, without pickle's code paths
+    assert all(torch.equal(a, b) for a, b in zip(mp.load_sparse(tmp_path / "legacy.pt").values(),
+                                                 model.state_dict().values()))
+    files = {"empty": b"", "random": bytes(range(256)) * 8,
+             "truncated": good.read_bytes()[:-100], "header only": good.read_bytes()[:200]}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(model.state_dict(), tmp_path / "torch dict")
+    torch.save(model.state_dict(), tmp_path / "torch dict trunc")
+    (tmp_path / "torch dict trunc").write_bytes((tmp_path / "torch dict").read_bytes()[:500])
+    safetensors.torch.save_file({"a": torch.zeros(3)}, tmp_path / "foreign safetensors")
+    for name in [*files, "torch dict", "torch dict trunc", "foreign safetensors", "missing"]:
+        with pytest.raises(mp.sparse.SparseFileError) as e:
+            mp.load_sparse(tmp_path / name)
+        msg = str(e.value)
+        assert "\n" not in msg and "Re-running" not in msg and str(tmp_path / name) in msg, msg
+    with pytest.raises(mp.sparse.SparseFileError, match="another architecture.*missing: 0.weight"):
+        mp.load_sparse(good, small_cnn(10, 1))
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    st = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "m.safetensors"
+    mp.save_sparse(_sparse_lenet(0.9), path)
+    before = path.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        mp.save_sparse(_sparse_lenet(0.95), path)
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_transformer_encoder_exports_under_no_grad():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+    enc = mp.prune(enc, 0.9, scope="layer").eval()
+    fast, report = mp.export_sparse(enc, min_sparsity=0.5, report=True)
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():  # PyTorch's fused inference path, which reads the dense weights
+        torch.testing.assert_close(fast(x), enc(x), rtol=1e-5, atol=1e-5)
+    kept = [d for d in report if "fused inference path" in d.reason]
+    assert len(kept) == 6 and not any(d.sparse for d in report)  # linear1, linear2, out_proj
+    assert "layers.0.linear1" in str(report)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 7, 16, 64])
+def test_low_precision_export_at_every_batch_size(dtype, batch):
+    model = _sparse_lenet(0.95).to(dtype).eval()
+    fast, report = mp.export_sparse(model, report=True)
+    assert all(d.sparse and "no CSR product for" in d.reason for d in report)
+    x = torch.randn(batch, 1, 28, 28, dtype=dtype)
+    with torch.no_grad():
+        y = fast(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), model(x).float(), rtol=0.05, atol=0.05)

@@ -43,3 +43,18 @@ def test_aim_and_validation(tmp_path, capsys):
     assert "sparsities must lie in (0, 1)" in capsys.readouterr().err
     assert main(["targets", "--sparsities", "high", "--out", str(tmp_path)]) == 2
     assert "expects numbers" in capsys.readouterr().err
+
+
+def test_targets_of_other_methods_are_kept(tmp_path):
+    base = ["targets", "--dataset", "digits", "--seeds", "1", "--epochs", "1", "--quiet",
+            "--out", str(tmp_path)]
+    assert main([*base, "--methods", "gmp", "--sparsities", "0.9"]) == 0
+    before = (tmp_path / "targets.csv").read_text()
+    assert main([*base, "--methods", "str", "--sparsities", "0.8,0.9"]) == 0
+    after = (tmp_path / "targets.csv").read_text()
+    assert after.startswith(before)
+    rows = list(csv.DictReader(open(tmp_path / "targets.csv")))
+    assert sorted((r["method"], r["target"]) for r in rows) == [
+        ("gmp", "0.9"), ("str", "0.8"), ("str", "0.9")]
+    md = (tmp_path / "targets.md").read_text()
+    assert "| method | 80% | 90% |" in md and "| gmp | – | " in md  # gmp was not run at 80%

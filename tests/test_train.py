@@ -83,7 +83,7 @@ def _train_until_fault(tmp_path, model, at, corrupt, match):
     with pytest.raises(FloatingPointError, match=match):
         train(model, _Corrupt(at, corrupt), _tiny_data(), None,
               TrainConfig(epochs=3, batch_size=16), tmp_path, progress=False)
-    return torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    return torch.load(tmp_path / "checkpoint.pt", weights_only=True)
 
 
 def test_non_finite_weight_names_the_layer_and_keeps_the_checkpoint(tmp_path):

@@ -189,6 +189,7 @@ def locate(name: str, data_dir: str | Path | None = None) -> Path:
     """The file or folder `name` would be loaded from, without reading it (DataNotFoundError,
     saying where it was looked for, if there is none). `digits` ships with scikit-learn."""
     _check_name(name)
+    search_dirs(data_dir)  # a --data-dir that does not exist is a mistake for every dataset
     if name == "digits":
         try:
             import sklearn.datasets

@@ -368,6 +368,8 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None
         state = _read_legacy(path) if legacy else _read_safetensors(path)
     except SparseFileError:
         raise
+    except UsageError as e:  # from load_torch
+        raise SparseFileError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - any inconsistency inside the file
         raise SparseFileError(f"{path} is corrupt ({type(e).__name__}: {e}); use another copy"
                               ) from None

@@ -89,7 +89,7 @@ def _read_state(path: Path, cfg: IterativeConfig) -> dict | None:
     differences, if it belongs to another configuration."""
     if not path.exists():
         return None
-    state = load_torch(path, "iterative-pruning state")
+    state = load_torch(path, "mirrorprune iterative-pruning state")
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise UsageError(f"{path} is not an iterative-pruning state of mirrorprune; move it away")
     saved, now = _seed_config(state["config"]), _seed_config(asdict(cfg))
@@ -153,7 +153,7 @@ def collect(out: Path) -> list[dict]:
     """All rows of every variant and seed found in OUT."""
     rows = []
     for state_path in sorted(out.glob("*/seed*/state.pt")):
-        rows += load_torch(state_path, "iterative-pruning state")["rows"]
+        rows += load_torch(state_path, "mirrorprune iterative-pruning state")["rows"]
     return rows
 
 
@@ -203,7 +203,7 @@ def run(cfg: IterativeConfig, out: str | Path, progress: bool = True) -> dict:
     for seed in range(cfg.seeds):
         _read_state(out / cfg.variant / f"seed{seed}" / "state.pt", cfg)
     for other in sorted(out.glob("*/seed*/state.pt")):  # the table reads them all
-        load_torch(other, "iterative-pruning state")
+        load_torch(other, "mirrorprune iterative-pruning state")
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main():

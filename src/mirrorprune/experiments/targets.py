@@ -174,9 +174,9 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
 
 
 def markdown(rows: list[dict], methods: tuple[str, ...]) -> str:
-    """Mean ± 95% CI per method and target (the targets of `rows`, in order; – where a method
+    """Mean ± 95% CI per method and target (the targets of `rows`, ascending; – where a method
     was not run at a target)."""
-    targets = ordered(rows, "target")
+    targets = sorted({r["target"] for r in rows})
     lines = ["| method | " + " | ".join(f"{s:.0%}" for s in targets) + " |",
              "|" + "---|" * (len(targets) + 1)]
     for m in methods:
