@@ -85,6 +85,41 @@ def kernel_table(batches: tuple[int, ...], rounds: int) -> list[dict]:
     return out
 
 
+def file_sizes(name: str, sparsity: float, dense: nn.Module) -> dict:
+    """Bytes of torch.save(state_dict) and of save_sparse for one pruned model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(dense.state_dict(), Path(tmp) / "dense.pt")
+        return {"model": name, "sparsity": sparsity,
+                "dense_bytes": (Path(tmp) / "dense.pt").stat().st_size,
+                "sparse_bytes": mp.save_sparse(dense, Path(tmp) / "m.safetensors")}
+
+
+def size_table(sizes: list[dict]) -> list[str]:
+    return ["| model | sparsity | torch.save | save_sparse | ratio |", "|---|---|---|---|---|",
+            *(f"| {z['model']} | {z['sparsity']:.0%} | {z['dense_bytes'] / 1e6:.2f} MB | "
+              f"{z['sparse_bytes'] / 1e6:.3f} MB | {z['dense_bytes'] / z['sparse_bytes']:.1f}x |"
+              for z in sizes)]
+
+
+def write_sizes(a: argparse.Namespace) -> None:
+    sizes = []
+    for name in a.models.split(","):
+        factory, _ = MODELS[name]
+        torch.manual_seed(0)
+        base = factory().eval()
+        sizes += [file_sizes(name, s, mp.prune(base, s))
+                  for s in (float(v) for v in a.sparsities.split(","))]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "file_sizes.json", {"meta": {"args": vars(a), "provenance": provenance()},
+                                         "file_sizes": sizes})
+    table = "\n".join(size_table(sizes))
+    write_text(out / "file_sizes.md", "File sizes of pruned models (seed 0): "
+               "`python benchmarks/inference.py --sizes-only`; save_sparse writes "
+               f"safetensors (format version {mp.sparse.VERSION}).\n\n{table}\n")
+    print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -93,7 +128,11 @@ def main() -> None:
     ap.add_argument("--threads", default=str(torch.get_num_threads()))
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--out", default="benchmarks/results/inference")
+    ap.add_argument("--sizes-only", action="store_true",
+                    help="only the file-size table (file_sizes.md / .json), no timing")
     a = ap.parse_args()
+    if a.sizes_only:
+        return write_sizes(a)
     rows, cross, sizes = [], [], []
     thread_counts = [int(v) for v in a.threads.split(",")]
     batches = [int(v) for v in a.batches.split(",")]
@@ -105,11 +144,7 @@ def main() -> None:
             dense = mp.prune(base, s)
             sparse = mp.export_sparse(dense, min_sparsity=0.0)
             n_sparse = sum(isinstance(m, mp.SparseLinear) for m in sparse.modules())
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(dense.state_dict(), Path(tmp) / "dense.pt")
-                sizes.append({"model": name, "sparsity": s,
-                              "dense_bytes": (Path(tmp) / "dense.pt").stat().st_size,
-                              "sparse_bytes": mp.save_sparse(dense, Path(tmp) / "sparse.pt")})
+            sizes.append(file_sizes(name, s, dense))
             for threads, bs in itertools.product(thread_counts, batches):
                 torch.set_num_threads(threads)
                 x = torch.randn(bs, *shape)
@@ -162,11 +197,7 @@ def main() -> None:
         cells = [f"{k['csr_over_gather']:.2f}" for k in kernels
                  if (k["layer"], k["sparsity"]) == key]
         lines.append(f"| {key[0]} | {key[1]:.0%} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | sparsity | torch.save | save_sparse | ratio |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {z['model']} | {z['sparsity']:.0%} | {z['dense_bytes'] / 1e6:.2f} MB | "
-              f"{z['sparse_bytes'] / 1e6:.3f} MB | {z['dense_bytes'] / z['sparse_bytes']:.1f}x |"
-              for z in sizes]
+    lines += ["", *size_table(sizes)]
     write_text(
         out / "inference.md",
         f"CPU latency, torch {torch.__version__}; `python benchmarks/inference.py "

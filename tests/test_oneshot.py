@@ -63,3 +63,18 @@ def test_other_methods_add_rows_and_rerun_methods_replace_theirs(tmp_path, capsy
     assert seeds == {"dense": ["0", "1"], "gmp": ["0"], "pilot": ["0"]}
     assert json.loads((tmp_path / "config.json").read_text())["methods"]["dense"]["seeds"] == 2
     capsys.readouterr()
+
+
+def test_folders_of_the_first_release_can_be_extended(tmp_path):
+    import json
+    from pathlib import Path
+
+    from mirrorprune.experiments.common import previous_config
+
+    committed = Path(__file__).resolve().parents[1] / "results" / "oneshot-mnist"
+    (tmp_path / "config.json").write_text((committed / "config.json").read_text())
+    cfg = oneshot.OneshotConfig(dataset="mnist", model="lenet_300_100", epochs=None)
+    prev = previous_config(tmp_path, "oneshot.csv", cfg.shared(), "oneshot")
+    assert prev["methods"]["pilot"] == {"seeds": 3, "hparams": {}}
+    assert list(prev["methods"]) == json.loads((committed / "config.json").read_text()
+                                               )["oneshot"]["methods"]

@@ -185,6 +185,7 @@ def _managed(kind):
     return net
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
 @pytest.mark.parametrize("kind, named", [
     ("parametrize", "parametrize"), ("prune", "torch.nn.utils.prune mask"),
     ("weight_norm", "weight_norm"), ("spectral_norm", "spectral_norm")])

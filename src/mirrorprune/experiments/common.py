@@ -62,9 +62,10 @@ def make_methods(names: Iterable[str], hparams: dict[str, dict[str, Any]],
 
 def previous_config(out: Path, results: str, shared: dict[str, Any], what: str
                     ) -> dict[str, Any] | None:
-    """The config.json of an earlier invocation into `out` (None if there was none). Its
-    shared settings must equal `shared`: results of other settings are never mixed into one
-    table (UsageError listing the differences)."""
+    """The config.json of an earlier invocation into `out` (None if there was none), with
+    "methods": {name: {"seeds", "hparams", ...}}. Its shared settings (under `what`) must equal
+    `shared`: results of other settings are never mixed into one table (UsageError listing the
+    differences)."""
     path = out / "config.json"
     if not path.exists():
         if (out / results).exists():
@@ -82,6 +83,12 @@ def previous_config(out: Path, results: str, shared: dict[str, Any], what: str
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
         raise UsageError(f"{out} holds results made with other settings ({shown}); add methods "
                          "with the same settings, or use another output folder")
+    if "methods" not in prev:  # written by release 0.1.0: one invocation's methods
+        prev["methods"] = {m: {"seeds": saved.get("seeds"),
+                               "hparams": saved.get("hparams", {}).get(m, {}),
+                               **({"sparsities": saved["sparsities"]}
+                                  if "sparsities" in saved else {})}
+                           for m in saved.get("methods", ())}
     return prev
 
 
