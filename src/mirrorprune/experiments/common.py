@@ -13,7 +13,7 @@ from typing import Any
 from ..data import SHAPES, locate
 from ..errors import UsageError
 from ..files import read_rows
-from ..methods import Method, create_method
+from ..methods import METHODS, Method, create_method
 from ..models import create_model
 from ..reparam import select_modules
 
@@ -35,12 +35,24 @@ def check_out(out: Path) -> None:
                          "folder you can write to") from None
 
 
-def check_unique(methods: Iterable[str]) -> None:
-    methods = list(methods)
+def check_options(methods: tuple[str, ...], hparams: dict[str, dict[str, Any]], seeds: int,
+                  epochs: int | None) -> None:
+    """The options every training experiment shares: known methods named once, hyperparameters
+    only for those, at least one seed and epoch."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     dup = sorted({m for m in methods if methods.count(m) > 1})
     if dup:
         raise UsageError(f"--methods names {', '.join(dup)} more than once; give each method "
                          "once (use --seeds for repeated runs)")
+    bad_hp = [m for m in hparams if m not in methods]
+    if bad_hp:
+        raise UsageError(f"hyperparameters given for method(s) {bad_hp} that are not run")
+    if seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {seeds}")
+    if epochs is not None and epochs < 1:
+        raise UsageError(f"--epochs must be >= 1 (or left out for the preset's), got {epochs}")
 
 
 def check_methods(methods: dict[str, Method], dataset: str, model: str, lr: float,

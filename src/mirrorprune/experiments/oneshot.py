@@ -22,15 +22,15 @@ from ..ci import mean_ci
 from ..data import ImageData, load
 from ..errors import UsageError
 from ..files import save_figure, write_json, write_rows, write_text
-from ..methods import METHODS, create_method
+from ..methods import create_method
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report
 from ..train import TrainConfig, check_resume, evaluate, is_main, recalibrate_bn, run_config, train
 from .common import (
     check_methods,
+    check_options,
     check_out,
-    check_unique,
     make_methods,
     merge_rows,
     ordered,
@@ -77,18 +77,7 @@ class OneshotConfig:
     data_dir: str | None = None
 
     def validate(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-        check_unique(self.methods)
-        bad_hp = [m for m in self.hparams if m not in self.methods]
-        if bad_hp:
-            raise UsageError(f"hyperparameters given for method(s) {bad_hp} that are not run")
-        if self.seeds < 1:
-            raise UsageError(f"--seeds must be >= 1, got {self.seeds}")
-        if self.epochs is not None and self.epochs < 1:
-            raise UsageError(f"--epochs must be >= 1 (or left out for the preset's), got "
-                             f"{self.epochs}")
+        check_options(self.methods, self.hparams, self.seeds, self.epochs)
         preset(self.preset, self.dataset, self.model)
 
     def shared(self) -> dict[str, Any]:

@@ -26,10 +26,9 @@ from ..ci import mean_ci
 from ..data import TRAIN_SIZES
 from ..errors import UsageError
 from ..files import write_json, write_rows, write_text
-from ..methods import METHODS
 from ..provenance import provenance
 from ..train import is_main
-from .common import check_unique, merge_rows, ordered, previous_config
+from .common import check_options, merge_rows, ordered, previous_config
 from .oneshot import OneshotConfig, check_runs, load_data, preset, run_one
 
 PILOT_ALPHA_INIT = 3e-4
@@ -68,22 +67,11 @@ class TargetsConfig:
     data_dir: str | None = None
 
     def validate(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-        check_unique(self.methods)
-        bad_hp = [m for m in self.hparams if m not in self.methods]
-        if bad_hp:
-            raise UsageError(f"hyperparameters given for method(s) {bad_hp} that are not run")
+        check_options(self.methods, self.hparams, self.seeds, self.epochs)
         if not self.sparsities or not all(0 < s < 1 for s in self.sparsities):
             raise UsageError(f"sparsities must lie in (0, 1), got {self.sparsities}")
         if len(set(self.sparsities)) < len(self.sparsities):
             raise UsageError(f"--sparsities names a target more than once: {self.sparsities}")
-        if self.seeds < 1:
-            raise UsageError(f"--seeds must be >= 1, got {self.seeds}")
-        if self.epochs is not None and self.epochs < 1:
-            raise UsageError(f"--epochs must be >= 1 (or left out for the preset's), got "
-                             f"{self.epochs}")
         preset(self.preset, self.dataset, self.model)
 
     def shared(self) -> dict[str, Any]:
