@@ -24,6 +24,6 @@ if __name__ == "__main__":
     history = train(model, method, data, None, cfg, out / "run", progress=False)
     state = method.state_dict()
     torch.save({"weights": {k: v.detach() for k, v in method.weights().items()},
-                "masks": getattr(method, "masks", None), "method": state,
+                "masks": getattr(method, "ramp_masks", None), "method": state,
                 "history": history, "world": world},
                out / f"rank{rank}.pt")

@@ -53,3 +53,11 @@ def test_cli_unknown_names_list_the_valid_ones(capsys, tmp_path, args, valid):
         main([*args, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "invalid choice" in err and valid in err
+
+
+def test_readme_method_table_is_the_generated_one(capsys):
+    from mirrorprune.methods import methods_table
+
+    assert methods_table(markdown=True) in README.read_text()
+    assert main(["methods", "--markdown"]) == 0
+    assert capsys.readouterr().out.strip() == methods_table(markdown=True)

@@ -4,6 +4,7 @@ import pytest
 
 from mirrorprune.cli import main
 from mirrorprune.experiments import targets
+from mirrorprune.methods import REFERENCE_EPOCH_LR, STR, PilotMethod, Spred
 
 
 def test_targets_exports_exactly_each_target(tmp_path, capsys):
@@ -33,16 +34,18 @@ def test_targets_sharing_hyperparameters_share_one_run(tmp_path):
 def test_aim_and_validation(tmp_path, capsys):
     assert targets.aim("gmp", 0.95) == {"target": 0.95}
     assert targets.aim("pilot", 0.9)["schedule"] == "target"
-    assert targets.aim("str", 0.97)["s_init"] == targets.STR_S_INIT[0.98] == -1.5
+    assert targets.aim("str", 0.97)["s_init"] == STR.AIM_S_INIT[0.98] == -1.5
+    assert targets.aim("dense", 0.9) == {} and targets.aim("l1", 0.9) == {}  # no knob: pruned
     # α is per step: half the steps × lr per epoch doubles it, s_init is not scaled
-    half = targets.REFERENCE_EPOCH_LR / 2
-    assert targets.aim("spred", 0.9, half)["alpha"] == pytest.approx(2 * targets.SPRED_ALPHA[0.9])
-    assert targets.aim("pilot", 0.9, half)["alpha"] == pytest.approx(2 * targets.PILOT_ALPHA_INIT)
+    half = REFERENCE_EPOCH_LR / 2
+    assert targets.aim("spred", 0.9, half)["alpha"] == pytest.approx(2 * Spred.AIM_ALPHA[0.9])
+    assert targets.aim("pilot", 0.9, half)["alpha"] == pytest.approx(
+        2 * PilotMethod.AIM_ALPHA_INIT)
     assert targets.aim("str", 0.9, half) == targets.aim("str", 0.9)
     assert main(["targets", "--sparsities", "0.9,1.0", "--out", str(tmp_path)]) == 2
     assert "sparsities must lie in (0, 1)" in capsys.readouterr().err
     assert main(["targets", "--sparsities", "high", "--out", str(tmp_path)]) == 2
-    assert "expects numbers" in capsys.readouterr().err
+    assert "expects comma-separated numbers" in capsys.readouterr().err
 
 
 def test_targets_of_other_methods_are_kept(tmp_path):

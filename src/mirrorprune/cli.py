@@ -7,8 +7,8 @@ import ast
 import json
 import os
 import sys
-from dataclasses import replace
 
+from .config import add_arguments, from_args
 from .errors import UsageError
 from .files import write_json
 
@@ -16,12 +16,10 @@ from .files import write_json
 def _demo(args: argparse.Namespace) -> int:
     from .experiments import demo
 
-    cfg = demo.DemoConfig()
-    cfg = replace(cfg, seeds=args.seeds, alpha0=args.alpha0,
-                  train=replace(cfg.train, epochs=args.epochs))
+    cfg = from_args(demo.DemoConfig, args)
     out = demo.run(cfg, progress=not args.quiet)
     print("\nMLP 64-256-256-10 on scikit-learn digits (360 test images), one-shot global "
-          f"magnitude pruning, {cfg.train.epochs} epochs, seeds 0..{cfg.seeds - 1}, "
+          f"magnitude pruning, {cfg.epochs} epochs, seeds 0..{cfg.seeds - 1}, "
           f"PILoT alpha0={cfg.alpha0:g}")
     print(demo.format_table(out["summary"]))
     print(f"\nPILoT model at {max(cfg.sparsities):.0%} (seed 0):")
@@ -35,9 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _diag(args: argparse.Namespace) -> int:
     from .experiments import diag
 
-    cfg = diag.DiagConfig(n=args.n, d=args.d, k=args.k, inits=args.inits, seed=args.seed,
-                          steps=args.steps, lr=args.lr, sgd_batch=args.sgd_batch,
-                          l1_step=args.l1_step, records=args.records)
+    cfg = from_args(diag.DiagConfig, args)
     cfg.validate()
     result = diag.run(cfg, args.out, progress=not args.quiet)
     for meth, best in result["methods"].items():
@@ -50,7 +46,7 @@ def _diag(args: argparse.Namespace) -> int:
 
 def _parse_hparams(items: list[str]) -> dict[str, dict]:
     """["pilot.alpha=1e-3", ...] -> {"pilot": {"alpha": 0.001}}; values are Python literals or
-    plain strings."""
+    plain strings (the method's Config checks them)."""
     out: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -71,11 +67,7 @@ def _parse_hparams(items: list[str]) -> dict[str, dict]:
 def _oneshot(args: argparse.Namespace) -> int:
     from .experiments import oneshot
 
-    cfg = oneshot.OneshotConfig(
-        dataset=args.dataset, model=args.model, methods=tuple(args.methods.split(",")),
-        seeds=args.seeds, preset=args.preset, hparams=_parse_hparams(args.hp),
-        epochs=args.epochs, exclude=tuple(args.exclude), bn_recalibrate=args.bn_recalibrate,
-        data_dir=args.data_dir)
+    cfg = from_args(oneshot.OneshotConfig, args, hparams=_parse_hparams(args.hp))
     res = oneshot.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/: {', '.join(res['files'])} and runs/ ({res['seconds']:.0f} s)")
@@ -85,10 +77,7 @@ def _oneshot(args: argparse.Namespace) -> int:
 def _iterative(args: argparse.Namespace) -> int:
     from .experiments import iterative
 
-    cfg = iterative.IterativeConfig(
-        mode=args.mode, pilot=args.pilot, dataset=args.dataset, model=args.model,
-        cycles=args.cycles, keep=args.keep, rewind_epoch=args.rewind_epoch, epochs=args.epochs,
-        seeds=args.seeds, preset=args.preset, alpha=args.alpha, data_dir=args.data_dir)
+    cfg = from_args(iterative.IterativeConfig, args)
     res = iterative.run(cfg, args.out, progress=not args.quiet)
     last = max(r["cycle"] for r in res["rows"])
     accs = [r["accuracy"] for r in res["rows"] if r["cycle"] == last]
@@ -102,19 +91,17 @@ def _iterative(args: argparse.Namespace) -> int:
 def _targets(args: argparse.Namespace) -> int:
     from .experiments import targets
 
-    try:
-        sparsities = tuple(float(s) for s in args.sparsities.split(","))
-    except ValueError:
-        raise UsageError(f"--sparsities expects numbers like 0.8,0.9, got {args.sparsities!r}"
-                         ) from None
-    cfg = targets.TargetsConfig(
-        dataset=args.dataset, model=args.model, methods=tuple(args.methods.split(",")),
-        sparsities=sparsities, seeds=args.seeds, preset=args.preset,
-        hparams=_parse_hparams(args.hp), epochs=args.epochs, bn_recalibrate=args.bn_recalibrate,
-        data_dir=args.data_dir)
+    cfg = from_args(targets.TargetsConfig, args, hparams=_parse_hparams(args.hp))
     res = targets.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/targets.csv, targets.md, config.json ({res['seconds']:.0f} s)")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from .methods import methods_table
+
+    print(methods_table(markdown=args.markdown))
     return 0
 
 
@@ -152,101 +139,45 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The subcommands; each experiment's options are generated from its config dataclass
+    (defaults and help written once, in `mirrorprune.experiments`)."""
     from . import __version__
+    from .experiments import demo, diag, iterative, oneshot, targets
 
     p = argparse.ArgumentParser(prog="mirrorprune", description=__doc__)
     p.add_argument("--version", action="version", version=f"mirrorprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", help="dense vs PILoT MLP on bundled digits, pruned to 90-98%%")
-    d.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
-    d.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
-    d.add_argument("--alpha0", type=float, default=3e-3,
-                   help="PILoT's alpha at epoch 0, decaying as 0.95^epoch (default 3e-3)")
-    d.add_argument("--json", metavar="FILE", help="also write all results as JSON")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=_demo)
+    commands = [
+        ("demo", _demo, demo.DemoConfig, "dense vs PILoT MLP on bundled digits, pruned to "
+         "90-98%%"),
+        ("diag", _diag, diag.DiagConfig, "diagonal linear network experiment (paper Fig. 1, 4, "
+         "5)"),
+        ("oneshot", _oneshot, oneshot.OneshotConfig, "one-shot pruning sweep of several methods "
+         "(paper Fig. 2)"),
+        ("iterative", _iterative, iterative.IterativeConfig, "IMP / LRR with or without PILoT "
+         "(paper Fig. 3)"),
+        ("targets", _targets, targets.TargetsConfig, "train each method aimed at fixed target "
+         "sparsities"),
+    ]
+    for name, func, cls, text in commands:
+        c = sub.add_parser(name, help=text)
+        add_arguments(c, cls)
+        if name == "demo":
+            c.add_argument("--json", metavar="FILE", help="also write all results as JSON")
+        else:
+            c.add_argument("--out", required=True, help="output folder")
+        if name in ("oneshot", "targets"):
+            c.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                           help="method hyperparameter, e.g. pilot.alpha=1e-3 (repeatable; "
+                           "`mirrorprune methods` lists them)")
+            c.add_argument("--resume", action="store_true",
+                           help="continue interrupted runs in --out and reuse finished ones")
+        c.add_argument("--quiet", action="store_true", help="no progress bars")
+        c.set_defaults(func=func)
 
-    g = sub.add_parser("diag", help="diagonal linear network experiment (paper Fig. 1, 4, 5)")
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--n", type=int, default=100, help="dimensions (default 100)")
-    g.add_argument("--d", type=int, default=40, help="samples, d < n (default 40)")
-    g.add_argument("--k", type=int, default=5, help="nonzeros of the ground truth (default 5)")
-    g.add_argument("--inits", type=int, default=5, help="initializations (default 5)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=50_000, help="gradient steps (default 50000)")
-    g.add_argument("--lr", type=float, default=0.02, help="step size η (default 0.02)")
-    g.add_argument("--sgd-batch", type=int, default=None, metavar="B",
-                   help="SGD with B samples per step and 5 seeds per init (writes fig5.png)")
-    g.add_argument("--l1-step", choices=("prox", "subgradient"), default="prox",
-                   help="discretization of the L1 baselines (default prox: soft-thresholding)")
-    g.add_argument("--records", type=int, default=200,
-                   help="log-spaced points kept per trajectory in trajectories.csv (default 200)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.set_defaults(func=_diag)
-
-    from .data import DATASETS
-    from .methods import METHODS
-    from .models import MODELS
-
-    o = sub.add_parser("oneshot", help="one-shot pruning sweep of several methods (paper Fig. 2)")
-    o.add_argument("--dataset", choices=DATASETS, default="mnist")
-    o.add_argument("--model", choices=list(MODELS), default="lenet_300_100")
-    o.add_argument("--methods", default="dense,pilot",
-                   help=f"comma-separated, from: {','.join(METHODS)}")
-    o.add_argument("--seeds", type=int, default=3)
-    o.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
-                   help="training budget: cpu (minutes per run) or paper (SPEC §4.2, GPU)")
-    o.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    o.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                   help="method hyperparameter, e.g. pilot.alpha=1e-3 (repeatable)")
-    o.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="module names kept dense (repeatable), e.g. conv1")
-    o.add_argument("--bn-recalibrate", action="store_true",
-                   help="re-estimate BatchNorm statistics after pruning (off, as in the paper)")
-    o.add_argument("--data-dir", default=None, help="where the dataset files are")
-    o.add_argument("--out", required=True, help="output folder")
-    o.add_argument("--resume", action="store_true",
-                   help="continue interrupted runs in --out and reuse finished ones")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
-    o.set_defaults(func=_oneshot)
-
-    it = sub.add_parser("iterative", help="IMP / LRR with or without PILoT (paper Fig. 3)")
-    it.add_argument("--mode", choices=("imp", "lrr"), required=True)
-    it.add_argument("--pilot", action="store_true", help="train m ⊙ w with PILoT every cycle")
-    it.add_argument("--dataset", choices=DATASETS, default="mnist")
-    it.add_argument("--model", choices=list(MODELS), default="lenet_300_100")
-    it.add_argument("--cycles", type=int, default=18, help="pruning cycles (default 18: 98.2%%)")
-    it.add_argument("--keep", type=float, default=0.8, help="fraction kept per cycle")
-    it.add_argument("--rewind-epoch", type=int, default=0,
-                    help="IMP: rewind to the end of this epoch of cycle 0 (0: initialization)")
-    it.add_argument("--epochs", type=int, default=8, help="epochs per cycle (default 8)")
-    it.add_argument("--seeds", type=int, default=1)
-    it.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    it.add_argument("--alpha", type=float, default=1e-4, help="PILoT alpha (default 1e-4)")
-    it.add_argument("--data-dir", default=None)
-    it.add_argument("--out", required=True, help="output folder; interrupted runs resume")
-    it.add_argument("--quiet", action="store_true")
-    it.set_defaults(func=_iterative)
-
-    t = sub.add_parser("targets", help="train each method aimed at fixed target sparsities")
-    t.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
-    t.add_argument("--methods", default="pilot,spred,str,gmp")
-    t.add_argument("--dataset", choices=DATASETS, default="mnist")
-    t.add_argument("--model", choices=list(MODELS), default="lenet_300_100")
-    t.add_argument("--seeds", type=int, default=3)
-    t.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    t.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    t.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                   help="override a method's hyperparameter for every target")
-    t.add_argument("--bn-recalibrate", action="store_true",
-                   help="re-estimate BatchNorm statistics after pruning (default: off, as in the "
-                        "paper)")
-    t.add_argument("--data-dir", default=None)
-    t.add_argument("--out", required=True)
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--quiet", action="store_true")
-    t.set_defaults(func=_targets)
-
+    m = sub.add_parser("methods", help="list every method with its hyperparameters")
+    m.add_argument("--markdown", action="store_true", help="as the README's Markdown table")
+    m.set_defaults(func=_methods)
     dr = sub.add_parser("doctor", help="report the torch build, threads, GPU and which datasets "
                         "are found")
     dr.add_argument("--data-dir", default=None)

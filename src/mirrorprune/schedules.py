@@ -12,6 +12,7 @@ with `OffAfter` for training runs meant to converge.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any
 
@@ -230,3 +231,51 @@ class TargetController(Schedule):
             raise UsageError(f"controller state {state} does not match this controller {mine}")
         self.current, self.best_acc = state["current"], state["best_acc"]
         self.seen, self.history = state["seen"], list(state["history"])
+
+
+# ------------------------------------------------------------------ schedules by name
+#
+# Each entry builds the schedule of one training run from α, the number of epochs and the
+# options it uses; k counts epochs for all but the target controller (which the training loop
+# updates once per epoch). `from_name` turns it into a per-step schedule.
+
+
+def _geometric(alpha: float, epochs: int, p: float | None = None, decay_to: float = 0.01
+               ) -> Schedule:
+    return Geometric(alpha, p or decay_to ** (1 / max(1, epochs)))
+
+
+def _half(alpha: float, epochs: int) -> Schedule:
+    return OffAfter(Constant(alpha), max(1, epochs // 2))
+
+
+def _target(alpha: float, epochs: int, target: float | None = None, delta: float = 1.5,
+            acc_tol: float = 0.01, mass_tol: float = 0.4) -> Schedule:
+    if target is None:
+        raise UsageError("the target schedule needs a target sparsity (e.g. target=0.9)")
+    return TargetController(alpha, target, epochs, delta=delta, acc_tol=acc_tol,
+                            mass_tol=mass_tol)
+
+
+#: name -> (builder(alpha, epochs, **options), whether k counts epochs)
+SCHEDULES: dict[str, tuple[Any, bool]] = {
+    "geometric": (_geometric, True),
+    "constant": (lambda alpha, epochs: Constant(alpha), True),
+    "harmonic": (lambda alpha, epochs: Harmonic(alpha), True),
+    "quadratic": (lambda alpha, epochs: Quadratic(alpha), True),
+    "half": (_half, True),
+    "target": (_target, False),
+}
+
+
+def from_name(name: str, alpha: float, epochs: int, steps_per_epoch: int, **options: Any
+              ) -> Schedule:
+    """The per-step schedule `name` (see SCHEDULES) for a run of `epochs` epochs of
+    `steps_per_epoch` steps, starting from `alpha`. `options` may hold more than the schedule
+    uses (p, decay_to, target, delta, acc_tol, mass_tol): each takes what it needs."""
+    if name not in SCHEDULES:
+        raise UsageError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    build, per_epoch = SCHEDULES[name]
+    wanted = inspect.signature(build).parameters
+    schedule = build(alpha, epochs, **{k: v for k, v in options.items() if k in wanted})
+    return Every(schedule, steps_per_epoch) if per_epoch else schedule

@@ -1,6 +1,11 @@
-"""The one training loop for every method: SGD with momentum, cosine / step / constant learning
-rate with optional warm-up, per-epoch evaluation, JSONL + CSV logs with the method's diagnostics,
-an atomically written checkpoint every epoch, and exact resume.
+"""The one training loop for every method: an optimizer by name (SGD with momentum by
+default), cosine / step / constant learning rate with optional warm-up, per-epoch evaluation,
+JSONL + CSV logs with the method's diagnostics, an atomically written checkpoint every epoch,
+exact resume, and callbacks (`mirrorprune.callbacks`) for what experiments add.
+
+Read top to bottom: `train` = `setup` (configuration checks, resume, optimizer, DDP), then per
+epoch `train_epoch` (a `train_step` per batch) and `finish_epoch` (evaluation, logs,
+checkpoint).
 
 Distributed: under `torchrun` (after `init_distributed()`), every rank draws the same global
 batch and trains on its share of it with DistributedDataParallel; the loss is scaled so that
@@ -13,8 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +28,24 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .callbacks import Callback
 from .data import ImageData
+from .distributed import (
+    all_finite,
+    default_device,
+    init_distributed,
+    is_main,
+    rank_world,
+    sum_over_ranks,
+)
 from .errors import UsageError
 from .files import load_torch, save_torch, write_json, write_rows, write_text
 from .methods import Method
 from .provenance import provenance
+
+__all__ = ["OPTIMIZERS", "Run", "TrainConfig", "check_resume", "default_device", "evaluate",
+           "finish_epoch", "init_distributed", "is_main", "recalibrate_bn", "restore",
+           "run_config", "setup", "train", "train_epoch", "train_step"]
 
 
 @dataclass
@@ -43,6 +61,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up from 0
     seed: int = 0
     eval_batch_size: int = 1000
+    optimizer: str = "sgd"  # a name in OPTIMIZERS
     extra: dict[str, Any] = field(default_factory=dict)  # recorded, not interpreted (e.g. method)
 
     def validate(self) -> None:
@@ -51,6 +70,9 @@ class TrainConfig:
                              f"{self.batch_size}")
         if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise UsageError("need lr > 0, 0 <= momentum < 1 and weight_decay >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in ("cosine", "step", "constant"):
             raise UsageError(f"lr_schedule must be cosine, step or constant, got "
                              f"{self.lr_schedule!r}")
@@ -67,38 +89,43 @@ class TrainConfig:
         return self.lr
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group that `torchrun` describes (env WORLD_SIZE > 1; NCCL on GPUs, gloo
-    on CPU) and return (rank, world size); (0, 1) when not launched by torchrun."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return _rank_world()
+#: Optimizers by name: (parameter groups, config) -> optimizer. Each group carries its own
+#: weight decay (the method decides: m and w of PILoT get none). AdamW takes momentum as β1.
+OPTIMIZERS: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr,
+                                                   betas=(cfg.momentum, 0.999)),
+}
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
+@dataclass
+class Run:
+    """One training run in progress: what the loop's parts and the callbacks share."""
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    model: nn.Module
+    method: Method
+    cfg: TrainConfig
+    config: dict  # what the checkpoint records (run_config)
+    device: torch.device
+    steps_per_epoch: int
+    lr_scale: float = 1.0
+    callbacks: Sequence[Callback] = ()
+    out: Path | None = None
+    rank: int = 0
+    world: int = 1
+    net: nn.Module | None = None  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer | None = None
+    history: list[dict] = field(default_factory=list)
+    start: int = 0  # first epoch to train (> 0 when resumed)
+    step: int = 0  # optimizer steps taken
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
 
-def is_main() -> bool:
-    """Whether this process writes files: rank 0, or the only process."""
-    return _rank_world()[0] == 0
-
-
-def default_device() -> torch.device:
-    """The GPU of this process (LOCAL_RANK under torchrun) if there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.out / "checkpoint.pt" if self.out else None
 
 
 @torch.no_grad()
@@ -124,6 +151,7 @@ def train(
     progress: bool = True,
     lr_scale: float = 1.0,
     device: str | torch.device | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> list[dict]:
     """Train `model` with `method`; returns the per-epoch log.
 
@@ -134,134 +162,153 @@ def train(
     on CPU. `lr_scale` multiplies the learning rate (the paper's 0.2 for
     m ⊙ w is lr_scale=2 on lr 0.1). `device`: default `default_device()`. Under torchrun
     (see `init_distributed`), `cfg.batch_size` is the global batch, split across the ranks.
+    `callbacks` (`mirrorprune.callbacks`) add fixed masks, rewinding, ... to any method.
     """
+    run = setup(model, method, len(train_data), train_data.name, cfg, out_dir, resume,
+                lr_scale, device, callbacks)
+    for epoch in range(run.start, cfg.epochs):
+        t0 = time.time()
+        row = train_epoch(run, train_data, epoch, progress)
+        finish_epoch(run, test_data, epoch, row, t0, progress)
+    return run.history
+
+
+def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: TrainConfig,
+          out_dir: str | Path | None, resume: bool, lr_scale: float,
+          device: str | torch.device | None, callbacks: Sequence[Callback]) -> Run:
+    """Check the configuration, attach the method, build the optimizer, continue a checkpoint
+    (or refuse one), write config.json, and wrap the model for DDP."""
     cfg.validate()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world > cfg.batch_size:
         raise UsageError(f"batch_size {cfg.batch_size} is smaller than the number of processes "
                          f"{world}: each needs at least one example per step")
     dev = torch.device(device) if device is not None else default_device()
     model.to(dev)
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
     method.check_lr(cfg.lr * lr_scale)
-    config = run_config(cfg, method, lr_scale, train_data.name, len(train_data))
     out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / "checkpoint.pt" if out else None
-    ck = check_resume(out, config, method, resume) if out else None
-    method.attach(model, steps_per_epoch, cfg.epochs)
-    method.setup()
-    opt = torch.optim.SGD(method.param_groups(cfg.weight_decay), lr=cfg.lr,
-                          momentum=cfg.momentum)
-    writer = out if rank == 0 else None
-    progress = progress and rank == 0
-    history: list[dict] = []
-    start = 0
+    run = Run(model, method, cfg, run_config(cfg, method, lr_scale, dataset, train_size), dev,
+              math.ceil(train_size / cfg.batch_size), lr_scale, callbacks, out, rank, world)
+    ck = check_resume(out, run.config, method, resume) if out else None
+    method.attach(model, run.steps_per_epoch, cfg.epochs)
+    for cb in callbacks:
+        cb.on_train_start(run)
+    run.optimizer = OPTIMIZERS[cfg.optimizer](method.param_groups(cfg.weight_decay), cfg)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         if ck is not None:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            method.load_state_dict(ck["method"])
-            start, history = ck["epoch"], ck["history"]
-        if writer:  # recorded, not compared: resuming elsewhere or on more processes is fine
-            write_json(out / "config.json", {**config, "world_size": world,
+            restore(run, ck)
+        if rank == 0:  # recorded, not compared: resuming elsewhere or on more processes is fine
+            write_json(out / "config.json", {**run.config, "world_size": world,
                                              "provenance": provenance()})
-    net: nn.Module = model
+    run.net = model
     if world > 1:
         # after any resume: constructing DDP broadcasts rank 0's parameters and synchronizes
         # the ranks, so none starts before every rank has read the checkpoint
-        net = nn.parallel.DistributedDataParallel(
+        run.net = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    step = start * steps_per_epoch
+    run.step = run.start * run.steps_per_epoch
     model.train()
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        method.start_epoch(epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
-        batches = train_data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"{method.name} epoch {epoch + 1}/"
-                   f"{cfg.epochs}", disable=not progress, leave=False, mininterval=1)
-        for x, y in bar:
-            lr = cfg.lr_at(step, total, steps_per_epoch) * lr_scale
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            n_global = len(y)
-            x, y = x.chunk(world)[rank].to(dev), y.chunk(world)[rank].to(dev)
-            logits = net(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            # DDP averages gradients over ranks: weight each rank's mean by its share of the
-            # global batch, so the result is the global batch's mean gradient
-            data_loss = loss * (len(y) * world / n_global) if world > 1 else loss
-            pen = method.penalty()
-            full = data_loss + pen if pen is not None else data_loss
-            if not _all_finite(full, world):
-                raise FloatingPointError(_nonfinite_message(full, model, method, epoch, step,
-                                                            ckpt_path))
-            full.backward()
-            method.before_step(lr)
-            opt.step()
-            method.after_step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            step += 1
-        loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen], world)
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            # e.g. a parameter the loss does not see: never checkpoint it
-            raise FloatingPointError(_nonfinite_message(torch.tensor(loss_sum), model, method,
-                                                        epoch, step, ckpt_path))
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
-               "train_acc": correct / seen,
-               "test_acc": evaluate(model, test_data, cfg.eval_batch_size) if test_data else None,
-               "seconds": time.time() - t0, **method.stats()}
-        method.end_epoch(epoch, row)
-        history.append(row)
-        if progress:
-            tqdm.write(f"{method.name} epoch {row['epoch']}: loss {row['train_loss']:.4f} "
-                       f"test_acc {row['test_acc']} ({row['seconds']:.0f}s)")
-        if writer:
-            # checkpoint first: the logs never show an epoch that a resume would train again
-            save_torch({"epoch": epoch + 1, "config": config, "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "method": method.state_dict(),
-                        "history": history}, ckpt_path)
-            _write_logs(out, history)
-    return history
+    return run
 
 
-def _nonfinite_message(loss, model, method, epoch, step, ckpt_path) -> str:
+def train_epoch(run: Run, data: ImageData, epoch: int, progress: bool) -> dict:
+    """One epoch of steps; returns the start of its log row (epoch, lr, train loss/accuracy)."""
+    cfg = run.cfg
+    run.method.start_epoch(epoch)
+    loss_sum, correct, seen = 0.0, 0, 0
+    batches = data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
+    bar = tqdm(batches, total=run.steps_per_epoch, disable=not (progress and run.rank == 0),
+               desc=f"{run.method.name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               mininterval=1)
+    for x, y in bar:
+        lr = cfg.lr_at(run.step, run.total_steps, run.steps_per_epoch) * run.lr_scale
+        loss, right, n = train_step(run, x, y, lr, epoch)
+        loss_sum += loss * n
+        correct += right
+        seen += n
+    loss_sum, correct, seen = sum_over_ranks([loss_sum, correct, seen], run.world)
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        # e.g. a parameter the loss does not see: never checkpoint it
+        raise FloatingPointError(_nonfinite_message(torch.tensor(loss_sum), run, epoch))
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
+            "train_acc": correct / seen}
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, lr: float, epoch: int
+               ) -> tuple[float, int, int]:
+    """One optimizer step on this rank's share of the global batch (x, y); returns (the mean
+    data loss, correct predictions, examples) of that share."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    run.optimizer.zero_grad(set_to_none=True)
+    n_global = len(y)
+    x = x.chunk(run.world)[run.rank].to(run.device)
+    y = y.chunk(run.world)[run.rank].to(run.device)
+    logits = run.net(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    # DDP averages gradients over ranks: weight each rank's mean by its share of the
+    # global batch, so the result is the global batch's mean gradient
+    data_loss = loss * (len(y) * run.world / n_global) if run.world > 1 else loss
+    pen = run.method.penalty()
+    full = data_loss + pen if pen is not None else data_loss
+    if not all_finite(full, run.world):
+        raise FloatingPointError(_nonfinite_message(full, run, epoch))
+    full.backward()
+    run.method.before_step(lr)
+    run.optimizer.step()
+    run.method.after_step()
+    for cb in run.callbacks:
+        cb.on_step_end(run)
+    run.step += 1
+    return loss.item(), int((logits.argmax(1) == y).sum()), len(y)
+
+
+def finish_epoch(run: Run, test_data: ImageData | None, epoch: int, row: dict, t0: float,
+                 progress: bool) -> None:
+    """Evaluate, complete the log row with the method's diagnostics, let the method and the
+    callbacks see it, and (rank 0, with an output folder) checkpoint, then write the logs."""
+    row = {**row, "test_acc": (evaluate(run.model, test_data, run.cfg.eval_batch_size)
+                               if test_data else None),
+           "seconds": time.time() - t0, **run.method.stats()}
+    run.method.end_epoch(epoch, row)
+    for cb in run.callbacks:
+        cb.on_epoch_end(run, epoch, row)
+    run.history.append(row)
+    if progress and run.rank == 0:
+        tqdm.write(f"{run.method.name} epoch {row['epoch']}: loss {row['train_loss']:.4f} "
+                   f"test_acc {row['test_acc']} ({row['seconds']:.0f}s)")
+    if run.out and run.rank == 0:
+        # checkpoint first: the logs never show an epoch that a resume would train again
+        save_torch({"epoch": epoch + 1, "config": run.config, "model": run.model.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "method": run.method.state_dict(), "history": run.history,
+                    "callbacks": [cb.state_dict() for cb in run.callbacks]}, run.checkpoint)
+        _write_logs(run.out, run.history)
+
+
+def restore(run: Run, ck: dict[str, Any]) -> None:
+    """Continue from a checkpoint that `check_resume` accepted."""
+    run.model.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.method.load_state_dict(ck["method"])
+    for cb, state in zip(run.callbacks, ck.get("callbacks", ())):
+        cb.load_state_dict(state)
+    run.start, run.history = ck["epoch"], ck["history"]
+
+
+def _nonfinite_message(loss: torch.Tensor, run: Run, epoch: int) -> str:
     """Names the step, the non-finite parameters and the last good checkpoint."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = [n for n, p in run.model.named_parameters() if not torch.isfinite(p).all()]
     where = (f"non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
              if bad else "all parameters are still finite")
-    last = (f"last good checkpoint: {ckpt_path}" if ckpt_path and ckpt_path.exists()
+    ckpt = run.checkpoint
+    last = (f"last good checkpoint: {ckpt}" if ckpt and ckpt.exists()
             else "no checkpoint written yet")
     what = f"non-finite loss ({loss.item()})" if not torch.isfinite(loss) else "non-finite weights"
-    return (f"{what} at epoch {epoch + 1}, step {step} of "
-            f"{method.name} ({where}); {last}. Lower the learning rate or the regularization "
+    return (f"{what} at epoch {epoch + 1}, step {run.step} of "
+            f"{run.method.name} ({where}); {last}. Lower the learning rate or the regularization "
             "strength and start again (or resume from the checkpoint)")
-
-
-def _all_finite(loss: torch.Tensor, world: int) -> bool:
-    """Whether the loss is finite on every rank (so that all ranks stop together)."""
-    ok = torch.isfinite(loss.detach()).float()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def _sum_over_ranks(values: list[float], world: int) -> list[float]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def run_config(cfg: TrainConfig, method: Method, lr_scale: float, dataset: str,
@@ -289,6 +336,9 @@ def check_resume(out: str | Path, config: dict, method: Method, resume: bool
         raise UsageError(f"{path} is not a training checkpoint of mirrorprune; move it away")
     saved = json.loads(json.dumps(ck["config"], default=str))
     now = json.loads(json.dumps(config, default=str))
+    # a training option added later, at its default, changes nothing
+    for k, v in json.loads(json.dumps(asdict(TrainConfig()), default=str)).items():
+        saved.setdefault(k, v)
     # a hyperparameter added to the method later, at its default, changes nothing
     saved["hparams"] = {**json.loads(json.dumps(method.defaults, default=str)),
                         **saved.get("hparams", {})}

@@ -1,21 +1,106 @@
-"""What every experiment does before it trains: check everything it was asked for without
-loading data or writing a file (so a mistake costs nothing and overwrites nothing), and merge
-its results with those of earlier invocations in the same output folder."""
+"""What the experiments share: their common options (`DataConfig`, `MethodsConfig`), budget
+presets and data, the checks made before training (everything asked for, without loading data or
+writing a file: a mistake costs nothing and overwrites nothing), merging results with those of
+earlier invocations in the same output folder, and the accuracy-vs-sparsity figure."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from ..data import SHAPES, locate
+from ..config import option
+from ..data import DATASETS, SHAPES, ImageData, load, locate
 from ..errors import UsageError
-from ..files import read_rows
+from ..files import read_rows, save_figure
 from ..methods import METHODS, Method, create_method
-from ..models import create_model
+from ..models import MODELS, create_model
 from ..reparam import select_modules
+from ..train import TrainConfig
+
+PRESETS = ("cpu", "paper")
+
+
+def preset(name: str, dataset: str, model: str) -> dict[str, Any]:
+    """Training budget: `paper` (SPEC §4.2, for a GPU) or `cpu` (minutes per run here)."""
+    if name == "paper":
+        return {"train": TrainConfig(epochs=150, batch_size=256, lr=0.1, weight_decay=1e-4,
+                                     lr_schedule="cosine"),
+                "lr_scale_mw": 2.0, "train_subset": None, "test_subset": None}
+    if name != "cpu":
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    # The paper doubles the learning rate of m ⊙ w models on BatchNorm ResNets; the BN-free MLPs
+    # diverge with it, so they keep one learning rate for every method.
+    if dataset in ("mnist", "fashion-mnist"):
+        return {"train": TrainConfig(epochs=15, batch_size=128, lr=0.1),
+                "lr_scale_mw": 1.0, "train_subset": None, "test_subset": None}
+    if dataset == "digits":
+        return {"train": TrainConfig(epochs=60, batch_size=64, lr=0.1),
+                "lr_scale_mw": 1.0, "train_subset": None, "test_subset": None}
+    # CIFAR-sized: ~0.2 s per ResNet-20 step at batch 128 on 2 cores, so 15 epochs on a fixed
+    # class-balanced 10k subset take ~4 minutes; 2k test images keep the 30-level sweep short.
+    return {"train": TrainConfig(epochs=15, batch_size=128, lr=0.1),
+            "lr_scale_mw": 2.0, "train_subset": 10_000, "test_subset": 2_000}
+
+
+def load_data(dataset: str, p: dict, data_dir: str | None = None
+              ) -> tuple[ImageData, ImageData]:
+    """The (train, test) data of `dataset`, cut to the preset `p`'s subsets."""
+    tr = load(dataset, "train", data_dir)
+    te = load(dataset, "test", data_dir)
+    if p["train_subset"]:
+        tr = tr.subset(p["train_subset"])
+    if p["test_subset"]:
+        te = te.subset(p["test_subset"])
+    return tr, te
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Options of every training experiment: what is trained, on which data, with which
+    budget."""
+
+    dataset: str = option("mnist", "dataset", choices=DATASETS)
+    model: str = option("lenet_300_100", "model", choices=tuple(MODELS))
+    preset: str = option("cpu", "training budget: cpu (minutes per run here) or paper "
+                         "(SPEC §4.2, for a GPU)", choices=PRESETS)
+    data_dir: str | None = option(None, "where the dataset files are (default: the search "
+                                  "path of `mirrorprune doctor`)")
+
+
+@dataclasses.dataclass
+class MethodsConfig(DataConfig):
+    """Options of the experiments that compare methods (oneshot, targets)."""
+
+    per_method: ClassVar[tuple[str, ...]] = ()  # options, besides these, that may differ
+
+    methods: tuple[str, ...] = option(("dense", "pilot"),
+                                      f"comma-separated, from: {','.join(METHODS)}")
+    seeds: int = option(3, "seeds per method (0, 1, ...)")
+    hparams: dict[str, dict[str, Any]] = option({}, "method -> hyperparameter overrides "
+                                                "(--hp METHOD.NAME=VALUE)", cli=False)
+    epochs: int | None = option(None, "override the preset's epochs")
+    bn_recalibrate: bool = option(False, "re-estimate BatchNorm statistics after pruning (off, "
+                                  "as in the paper)")
+
+    def validate(self) -> None:
+        check_options(self.methods, self.hparams, self.seeds, self.epochs)
+        preset(self.preset, self.dataset, self.model)
+
+    def shared(self) -> dict[str, Any]:
+        """The settings every method of one output folder must share."""
+        per_method = ("methods", "seeds", "hparams", "data_dir", *self.per_method)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in per_method}
+
+    def train_config(self, seed: int) -> TrainConfig:
+        """The preset's training configuration for one seed, with `epochs` applied."""
+        tcfg = preset(self.preset, self.dataset, self.model)["train"]
+        return TrainConfig(**{**dataclasses.asdict(tcfg), "seed": seed,
+                              "epochs": tcfg.epochs if self.epochs is None else self.epochs})
 
 
 def check_out(out: Path) -> None:
@@ -117,3 +202,33 @@ def merge_rows(out: Path, results: str, rows: list[dict], key: str, rerun: Itera
 def ordered(rows: list[dict], key: str) -> tuple[str, ...]:
     """The values of `key` in order of first appearance."""
     return tuple(dict.fromkeys(r[key] for r in rows))
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str,
+                xlabel: str, ticks: tuple[float, ...]) -> None:
+    """Accuracy against sparsity: one line per name through its (sparsity, mean, 95% CI
+    half-width) points (accuracies in [0, 1]), with a band for the CI, on a −log10(1 − s) axis
+    that spreads out the high sparsities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def pos(s: float) -> float:
+        return -math.log10(1 - s + 1e-12)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, pts in curves.items():
+        x = [pos(s) for s, _, _ in pts]
+        y = [100 * m for _, m, _ in pts]
+        h = [0.0 if math.isnan(c) else 100 * c for _, _, c in pts]
+        line, = ax.plot(x, y, marker=".", label=name)
+        ax.fill_between(x, [a - b for a, b in zip(y, h)], [a + b for a, b in zip(y, h)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xticks([pos(t) for t in ticks], [f"{t:.1%}" for t in ticks])
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%), mean ± 95% CI", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

@@ -7,16 +7,17 @@ weight decay, then one-shot global magnitude pruning (no fine-tuning for either 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..ci import mean_ci
+from ..config import option
 from ..data import load
 from ..errors import UsageError
-from ..methods import Method, Pilot
+from ..methods import Method, PilotMethod
 from ..models import mlp
 from ..provenance import provenance
 from ..prune import prune, sparsity_report
@@ -25,13 +26,16 @@ from ..train import TrainConfig, evaluate, train
 
 @dataclass
 class DemoConfig:
-    sizes: tuple[int, ...] = (64, 256, 256, 10)
-    seeds: int = 5
-    sparsities: tuple[float, ...] = (0.0, 0.9, 0.95, 0.98)
-    alpha0: float = 3e-3  # PILoT: geometric α0·0.95^epoch, so A_∞ is finite (turned off in time)
-    p: float = 0.95
-    beta: float = 1.0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, batch_size=64))
+    sizes: tuple[int, ...] = option((64, 256, 256, 10), "MLP widths", cli=False)
+    seeds: int = option(5, "number of seeds")
+    sparsities: tuple[float, ...] = option((0.0, 0.9, 0.95, 0.98), "pruning levels", cli=False)
+    epochs: int = option(60, "training epochs")
+    # PILoT: geometric α0·p^epoch, so A_∞ is finite (turned off in time)
+    alpha0: float = option(3e-3, "PILoT's alpha at epoch 0, decaying as 0.95^epoch")
+    p: float = option(0.95, "PILoT's geometric factor per epoch", cli=False)
+    beta: float = option(1.0, "PILoT's β", cli=False)
+    train: TrainConfig = option(TrainConfig(batch_size=64), "the rest of the training setup",
+                                cli=False)
 
 
 def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
@@ -39,7 +43,7 @@ def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
     cfg = cfg or DemoConfig()
     if cfg.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {cfg.seeds}")
-    cfg.train.validate()
+    replace(cfg.train, epochs=cfg.epochs).validate()
     t0 = time.time()
     tr, te = load("digits", "train"), load("digits", "test")
     rows, report = [], None
@@ -47,9 +51,10 @@ def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
     for seed, name in tqdm(jobs, desc="demo", disable=not progress):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Flatten(), *mlp(cfg.sizes))
-        method = (Pilot(alpha=cfg.alpha0, p=cfg.p, beta=cfg.beta) if name == "pilot"
+        method = (PilotMethod(alpha=cfg.alpha0, p=cfg.p, beta=cfg.beta) if name == "pilot"
                   else Method())
-        train(model, method, tr, None, TrainConfig(**{**asdict(cfg.train), "seed": seed}),
+        train(model, method, tr, None,
+              TrainConfig(**{**asdict(cfg.train), "seed": seed, "epochs": cfg.epochs}),
               progress=False)
         plain = method.export()
         for s in cfg.sparsities:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .. import schedules as S
 from .. import theory
+from ..config import option
 from ..errors import UsageError
 from ..files import save_figure, write_json, write_rows
 from ..provenance import provenance
@@ -46,26 +47,30 @@ METHODS: dict[str, tuple[str, float]] = {
 
 @dataclass
 class DiagConfig:
-    n: int = 100
-    d: int = 40
-    k: int = 5
-    inits: int = 5
-    seed: int = 0
-    steps: int = 50_000
-    lr: float = 0.02
-    sgd_batch: int | None = None  # None: full-batch gradient descent
-    sgd_seeds: int = 5  # SGD runs per initialization
-    l1_step: str = "prox"  # "prox" (soft-thresholding) or "subgradient" (λ·sign added)
-    records: int = 200  # log-spaced points kept of each trajectory
+    n: int = option(100, "dimensions")
+    d: int = option(40, "samples, d < n")
+    k: int = option(5, "nonzeros of the ground truth")
+    inits: int = option(5, "initializations")
+    seed: int = option(0, "seed of the problem and the initializations")
+    steps: int = option(50_000, "gradient steps")
+    lr: float = option(0.02, "step size η")
+    sgd_batch: int | None = option(None, "SGD with this many samples per step and --sgd-seeds "
+                                   "seeds per init (writes fig5.png); None: gradient descent")
+    sgd_seeds: int = option(5, "SGD runs per initialization")
+    l1_step: str = option("prox", "discretization of the L1 baselines (prox: "
+                          "soft-thresholding)", choices=("prox", "subgradient"))
+    records: int = option(200, "log-spaced points kept per trajectory in trajectories.csv")
     # The strength grid: 4 constants per method, and the α0 of the harmonic (α0/(k+1)),
     # quadratic (α0/(k+1)²) and geometric (α0·0.95^k) schedules. Chosen so that each method's
     # best schedule lies inside the grid, with the decaying schedules' A_∞ reaching the rich
     # regime; see README for why.
-    constants: dict[str, list[float]] = field(default_factory=lambda: {
+    constants: dict[str, list[float]] = option({
         "pilot": [1e-4, 1e-3, 1e-2, 1e-1], "pilot_beta0": [1e-3, 1e-2, 1e-1, 1.0],
-        "l1_m": [1e-4, 1e-3, 1e-2, 1e-1], "l1_x": [1e-4, 1e-3, 1e-2, 1e-1]})
-    alpha0: dict[str, float] = field(default_factory=lambda: {
-        "pilot": 1.0, "pilot_beta0": 1.0, "l1_m": 0.1, "l1_x": 0.1})
+        "l1_m": [1e-4, 1e-3, 1e-2, 1e-1], "l1_x": [1e-4, 1e-3, 1e-2, 1e-1]},
+        "the constant strengths of each method", cli=False)
+    alpha0: dict[str, float] = option({"pilot": 1.0, "pilot_beta0": 1.0, "l1_m": 0.1,
+                                       "l1_x": 0.1},
+                                      "α0 of each method's decaying schedules", cli=False)
 
     def validate(self) -> None:
         if not 0 < self.k <= self.n or self.d < 1 or self.n < 2:

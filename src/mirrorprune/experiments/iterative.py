@@ -27,35 +27,34 @@ from pathlib import Path
 
 import torch
 
+from ..callbacks import Callback, FixedMasks, Rewind, StartFrom
 from ..ci import mean_ci
+from ..config import option
 from ..data import ImageData
+from ..distributed import is_main
 from ..errors import UsageError
-from ..files import load_torch, save_figure, save_torch, write_json, write_rows
-from ..methods import Method, Pilot
+from ..files import load_torch, save_torch, write_json, write_rows
+from ..methods import Method, PilotMethod
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report, unique_weights
-from ..train import TrainConfig, is_main, train
-from .common import check_methods, check_out
-from .oneshot import load_data
-from .oneshot import preset as oneshot_preset
+from ..train import TrainConfig, train
+from .common import DataConfig, check_methods, check_out, load_data, plot_curves, preset
 
 
 @dataclass
-class IterativeConfig:
-    mode: str = "imp"  # "imp" or "lrr"
-    pilot: bool = False
-    dataset: str = "mnist"
-    model: str = "lenet_300_100"
-    cycles: int = 18  # 0.8^18 = 1.8% of the weights left (98.2% sparse)
-    keep: float = 0.8
-    rewind_epoch: int = 0
-    epochs: int = 8  # per cycle
-    seeds: int = 1
-    preset: str = "cpu"
-    alpha: float = 1e-4  # PILoT's α (paper: 1e-4), geometric decay to 1% within each cycle
-    beta: float = 1.0
-    data_dir: str | None = None
+class IterativeConfig(DataConfig):
+    mode: str = option("imp", "imp (rewind the weights) or lrr (rewind only the learning rate)",
+                       choices=("imp", "lrr"), required=True)
+    pilot: bool = option(False, "train m ⊙ w with PILoT every cycle")
+    cycles: int = option(18, "pruning cycles (18: 0.8^18 = 1.8% of the weights left)")
+    keep: float = option(0.8, "fraction of the weights kept per cycle")
+    rewind_epoch: int = option(0, "IMP: rewind to the end of this epoch of cycle 0 (0: "
+                               "initialization)")
+    epochs: int = option(8, "epochs per cycle")
+    seeds: int = option(1, "seeds (0, 1, ...)")
+    alpha: float = option(1e-4, "PILoT's α (paper: 1e-4), geometric decay to 1% in each cycle")
+    beta: float = option(1.0, "PILoT's β (m0² − w0²)")
 
     @property
     def variant(self) -> str:
@@ -72,11 +71,11 @@ class IterativeConfig:
             raise UsageError(f"rewind_epoch must be in [0, epochs={self.epochs}]")
         if self.mode == "lrr" and self.rewind_epoch:
             raise UsageError("rewind_epoch applies to IMP only (LRR keeps the trained weights)")
-        oneshot_preset(self.preset, self.dataset, self.model)
+        preset(self.preset, self.dataset, self.model)
 
 
 def _method(cfg: IterativeConfig) -> Method:
-    return Pilot(alpha=cfg.alpha, beta=cfg.beta) if cfg.pilot else Method()
+    return PilotMethod(alpha=cfg.alpha, beta=cfg.beta) if cfg.pilot else Method()
 
 
 def _seed_config(config: dict) -> dict:
@@ -104,7 +103,7 @@ def _read_state(path: Path, cfg: IterativeConfig) -> dict | None:
 
 def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool, tr: ImageData,
              te: ImageData) -> list[dict]:
-    p = oneshot_preset(cfg.preset, cfg.dataset, cfg.model)
+    p = preset(cfg.preset, cfg.dataset, cfg.model)
     tcfg = TrainConfig(**{**asdict(p["train"]), "epochs": cfg.epochs, "seed": seed})
     scale = p["lr_scale_mw"] if cfg.pilot else 1.0
     sdir = out / cfg.variant / f"seed{seed}"
@@ -121,12 +120,16 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool, tr: Ima
         model = create_model(cfg.model, 10, tr.shape)
         model.load_state_dict(state["start"])
         method = _method(cfg)
-        method.masks = state["masks"]
-        method.initial_state = state["start_wrapped"]
-        if cycle == 0 and cfg.mode == "imp" and cfg.rewind_epoch:
-            method.snapshot_epoch = cfg.rewind_epoch
+        callbacks: list[Callback] = []
+        if state["start_wrapped"] is not None:  # (m, w) to start from, not x
+            callbacks.append(StartFrom(state["start_wrapped"]))
+        if state["masks"] is not None:
+            callbacks.append(FixedMasks(state["masks"]))
+        rewind = (Rewind(cfg.rewind_epoch) if cycle == 0 and cfg.mode == "imp"
+                  and cfg.rewind_epoch else None)
         history = train(model, method, tr, te, tcfg, sdir / f"cycle{cycle:02d}", resume=True,
-                        progress=progress, lr_scale=scale)
+                        progress=progress, lr_scale=scale,
+                        callbacks=[*callbacks, *([rewind] if rewind else [])])
         plain = method.export()
         state["rows"].append({"variant": cfg.variant, "seed": seed, "cycle": cycle,
                               "sparsity": sparsity_report(plain).sparsity,
@@ -138,7 +141,7 @@ def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool, tr: Ima
                 state["start"], state["start_wrapped"] = pruned.state_dict(), None
             else:
                 if cycle == 0:  # the rewind point: None (init) or the end of rewind_epoch
-                    state["rewind"] = method.snapshot
+                    state["rewind"] = rewind.snapshot if rewind else None
                 if cfg.pilot:  # wrapping init gives (m0, w0) again; a snapshot holds (m, w)
                     state["start"], state["start_wrapped"] = init, state["rewind"]
                 else:
@@ -158,35 +161,16 @@ def collect(out: Path) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = {}
     for variant in sorted({r["variant"] for r in rows}):
-        cycles = sorted({r["cycle"] for r in rows if r["variant"] == variant})
-        xs, ys, hs = [], [], []
-        for c in cycles:
+        pts = []
+        for c in sorted({r["cycle"] for r in rows if r["variant"] == variant}):
             sel = [r for r in rows if r["variant"] == variant and r["cycle"] == c]
-            m, h = mean_ci([r["accuracy"] for r in sel])
-            xs.append(-math.log10(1 - sum(r["sparsity"] for r in sel) / len(sel) + 1e-12))
-            ys.append(100 * m)
-            hs.append(0 if math.isnan(h) else 100 * h)
-        line, = ax.plot(xs, ys, marker=".", label=variant)
-        ax.fill_between(xs, [y - h for y, h in zip(ys, hs)], [y + h for y, h in zip(ys, hs)],
-                        color=line.get_color(), alpha=0.2)
-    ticks = [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
-    ax.set_xticks([-math.log10(1 - t + 1e-12) for t in ticks], [f"{t:.0%}" for t in ticks])
-    ax.set(xlabel="sparsity after each cycle", ylabel="test accuracy (%), mean ± 95% CI",
-           title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+            pts.append((sum(r["sparsity"] for r in sel) / len(sel),
+                        *mean_ci([r["accuracy"] for r in sel])))
+        curves[variant] = pts
+    plot_curves(curves, path, title, "sparsity after each cycle",
+                (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99))
 
 
 def run(cfg: IterativeConfig, out: str | Path, progress: bool = True) -> dict:
@@ -196,7 +180,7 @@ def run(cfg: IterativeConfig, out: str | Path, progress: bool = True) -> dict:
     t0 = time.time()
     out = Path(out)
     # everything that can be checked before loading data or writing a file
-    p = oneshot_preset(cfg.preset, cfg.dataset, cfg.model)
+    p = preset(cfg.preset, cfg.dataset, cfg.model)
     check_methods({cfg.variant: _method(cfg)}, cfg.dataset, cfg.model, p["train"].lr,
                   p["lr_scale_mw"], cfg.data_dir)
     check_out(out)

@@ -12,28 +12,31 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..ci import mean_ci
-from ..data import ImageData, load
-from ..errors import UsageError
-from ..files import save_figure, write_json, write_rows, write_text
+from ..config import option
+from ..data import ImageData
+from ..distributed import is_main
+from ..files import write_json, write_rows, write_text
 from ..methods import create_method
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report
-from ..train import TrainConfig, check_resume, evaluate, is_main, recalibrate_bn, run_config, train
+from ..train import check_resume, evaluate, recalibrate_bn, run_config, train
 from .common import (
+    MethodsConfig,
     check_methods,
-    check_options,
     check_out,
+    load_data,
     make_methods,
     merge_rows,
     ordered,
+    plot_curves,
+    preset,
     previous_config,
 )
 
@@ -41,67 +44,10 @@ SWEEP = tuple(1 - 0.8**k for k in range(1, 26))
 TABLE = (0.8, 0.9, 0.95, 0.98, 0.99)
 
 
-def preset(name: str, dataset: str, model: str) -> dict[str, Any]:
-    """Training budget: `paper` (SPEC §4.2, for a GPU) or `cpu` (minutes per run here)."""
-    if name == "paper":
-        return {"train": TrainConfig(epochs=150, batch_size=256, lr=0.1, weight_decay=1e-4,
-                                     lr_schedule="cosine"),
-                "lr_scale_mw": 2.0, "train_subset": None, "test_subset": None}
-    if name != "cpu":
-        raise UsageError(f"unknown preset {name!r}; choose cpu or paper")
-    # The paper doubles the learning rate of m ⊙ w models on BatchNorm ResNets; the BN-free MLPs
-    # diverge with it, so they keep one learning rate for every method.
-    if dataset in ("mnist", "fashion-mnist"):
-        return {"train": TrainConfig(epochs=15, batch_size=128, lr=0.1),
-                "lr_scale_mw": 1.0, "train_subset": None, "test_subset": None}
-    if dataset == "digits":
-        return {"train": TrainConfig(epochs=60, batch_size=64, lr=0.1),
-                "lr_scale_mw": 1.0, "train_subset": None, "test_subset": None}
-    # CIFAR-sized: ~0.2 s per ResNet-20 step at batch 128 on 2 cores, so 15 epochs on a fixed
-    # class-balanced 10k subset take ~4 minutes; 2k test images keep the 30-level sweep short.
-    return {"train": TrainConfig(epochs=15, batch_size=128, lr=0.1),
-            "lr_scale_mw": 2.0, "train_subset": 10_000, "test_subset": 2_000}
-
-
 @dataclass
-class OneshotConfig:
-    dataset: str = "mnist"
-    model: str = "lenet_300_100"
-    methods: tuple[str, ...] = ("dense", "pilot")
-    seeds: int = 3
-    preset: str = "cpu"
-    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> overrides
-    epochs: int | None = None  # overrides the preset
-    exclude: tuple[str, ...] = ()
-    bn_recalibrate: bool = False
-    data_dir: str | None = None
-
-    def validate(self) -> None:
-        check_options(self.methods, self.hparams, self.seeds, self.epochs)
-        preset(self.preset, self.dataset, self.model)
-
-    def shared(self) -> dict[str, Any]:
-        """The settings every method of one output folder must share."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("methods", "seeds", "hparams", "data_dir")}
-
-
-def train_config(cfg: OneshotConfig, seed: int) -> TrainConfig:
-    tcfg = preset(cfg.preset, cfg.dataset, cfg.model)["train"]
-    return TrainConfig(**{**asdict(tcfg), "seed": seed,
-                          "epochs": tcfg.epochs if cfg.epochs is None else cfg.epochs})
-
-
-def load_data(dataset: str, p: dict, data_dir: str | None = None
-              ) -> tuple[ImageData, ImageData]:
-    """The (train, test) data of `dataset`, cut to the preset `p`'s subsets."""
-    tr = load(dataset, "train", data_dir)
-    te = load(dataset, "test", data_dir)
-    if p["train_subset"]:
-        tr = tr.subset(p["train_subset"])
-    if p["test_subset"]:
-        te = te.subset(p["test_subset"])
-    return tr, te
+class OneshotConfig(MethodsConfig):
+    exclude: tuple[str, ...] = option((), "module names (globs) kept dense, e.g. conv1",
+                                      repeat=True)
 
 
 def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: ImageData,
@@ -111,7 +57,7 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     (default: the sweep 1 − 0.8^k and the table's 80/90/95/98/99%)."""
     levels = sorted(set(sparsities) if sparsities else set(SWEEP) | set(TABLE))
     p = preset(cfg.preset, cfg.dataset, cfg.model)
-    tcfg = train_config(cfg, seed)
+    tcfg = cfg.train_config(seed)
     rundir = out / "runs" / method_name / f"seed{seed}"
     torch.manual_seed(seed)
     model = create_model(cfg.model, 10, tr.shape)
@@ -176,29 +122,10 @@ def markdown_table(rows: list[dict], summary: list[dict], methods: tuple[str, ..
 
 
 def plot(summary: list[dict], methods: tuple[str, ...], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for m in methods:
-        pts = [r for r in summary if r["method"] == m and r["sparsity"] in SWEEP]
-        x = [-math.log10(1 - r["sparsity"]) for r in pts]
-        y = [100 * r["accuracy"] for r in pts]
-        h = [0 if math.isnan(r["ci95"]) else 100 * r["ci95"] for r in pts]
-        line, = ax.plot(x, y, marker=".", label=m)
-        ax.fill_between(x, [a - b for a, b in zip(y, h)], [a + b for a, b in zip(y, h)],
-                        color=line.get_color(), alpha=0.2)
-    ticks = [0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995]
-    ax.set_xticks([-math.log10(1 - t) for t in ticks], [f"{t:.1%}" for t in ticks])
-    ax.set(xlabel="sparsity (global magnitude pruning, no fine-tuning)",
-           ylabel="test accuracy (%), mean ± 95% CI", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    curves = {m: [(r["sparsity"], r["accuracy"], r["ci95"]) for r in summary
+                  if r["method"] == m and r["sparsity"] in SWEEP] for m in methods}
+    plot_curves(curves, path, title, "sparsity (global magnitude pruning, no fine-tuning)",
+                (0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995))
 
 
 def check_runs(cfg: OneshotConfig, out: Path, resume: bool) -> None:
@@ -212,7 +139,7 @@ def check_runs(cfg: OneshotConfig, out: Path, resume: bool) -> None:
     for seed in range(cfg.seeds):
         for name, method in methods.items():
             scale = p["lr_scale_mw"] if method.uses_mw else 1.0
-            config = run_config(train_config(cfg, seed), method, scale, cfg.dataset, None)
+            config = run_config(cfg.train_config(seed), method, scale, cfg.dataset, None)
             check_resume(out / "runs" / name / f"seed{seed}", config, method, resume)
 
 

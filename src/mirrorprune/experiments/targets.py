@@ -1,15 +1,9 @@
 """Fixed-target sparsity (the ICLR table): each method is trained aimed at each target sparsity,
 exported at exactly that sparsity (global magnitude pruning), and evaluated.
 
-How each method aims at a target s:
-- pilot: `schedules.TargetController` (its defaults) from α_init = PILOT_ALPHA_INIT;
-- gmp: its cubic ramp ends at s;
-- spred and str have no target knob: their sparsity follows their strength, so each target gets
-  the spred α (SPRED_ALPHA) and STR s_init (STR_S_INIT) of the grid point that was best at that
-  target on a validation split (the last 10k MNIST training images, LeNet-300-100, `cpu` budget;
-  benchmarks/calibrate_targets.py and benchmarks/results/calibrate_targets/). The controller's
-  delta and mass_tol were chosen the same way; PILOT_ALPHA_INIT was not tuned.
-
+Each method says how it is aimed at a target (`Method.aim`): pilot by the target controller,
+gmp by the end of its ramp, spred and str by values chosen per target on a validation split
+(their classes say which); the others are trained as they are and pruned to the target.
 Any method's values can be overridden with --hp.
 """
 
@@ -18,66 +12,43 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..ci import mean_ci
+from ..config import option
 from ..data import TRAIN_SIZES
+from ..distributed import is_main
 from ..errors import UsageError
 from ..files import write_json, write_rows, write_text
+from ..methods import METHODS, REFERENCE_EPOCH_LR
 from ..provenance import provenance
-from ..train import is_main
-from .common import check_options, merge_rows, ordered, previous_config
-from .oneshot import OneshotConfig, check_runs, load_data, preset, run_one
-
-PILOT_ALPHA_INIT = 3e-4
-SPRED_ALPHA = {0.8: 3e-4, 0.9: 3e-4, 0.95: 3e-4, 0.98: 5e-4}
-STR_S_INIT = {0.8: -1.75, 0.9: -1.75, 0.95: -1.75, 0.98: -1.5}
-
-
-# Steps per epoch × learning rate of the budget the values were chosen on (50k MNIST images,
-# batch 128: 391 steps of lr 0.1). α is a per-step rate, so on another budget the α values are
-# scaled by REFERENCE_EPOCH_LR / (its steps per epoch × lr) to add the same A = Σ ηα per epoch.
-REFERENCE_EPOCH_LR = 391 * 0.1
+from .common import MethodsConfig, load_data, merge_rows, ordered, preset, previous_config
+from .oneshot import OneshotConfig, check_runs, run_one
 
 
 def aim(method: str, target: float, epoch_lr: float = REFERENCE_EPOCH_LR) -> dict[str, Any]:
     """The hyperparameters that aim `method` at sparsity `target` on a budget of `epoch_lr`
-    (steps per epoch × learning rate of the m ⊙ w parameters)."""
-    nearest = min(SPRED_ALPHA, key=lambda s: abs(s - target))
-    f = REFERENCE_EPOCH_LR / epoch_lr
-    return {"pilot": {"schedule": "target", "target": target, "alpha": PILOT_ALPHA_INIT * f},
-            "gmp": {"target": target},
-            "spred": {"alpha": SPRED_ALPHA[nearest] * f},
-            "str": {"s_init": STR_S_INIT[nearest]}}.get(method, {})
+    (steps per epoch × learning rate of its prunable weights): the method's own `aim`."""
+    return METHODS[method].aim(target, epoch_lr)
 
 
 @dataclass
-class TargetsConfig:
-    dataset: str = "mnist"
-    model: str = "lenet_300_100"
-    methods: tuple[str, ...] = ("pilot", "spred", "str", "gmp")
-    sparsities: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98)
-    seeds: int = 3
-    preset: str = "cpu"
-    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
-    epochs: int | None = None
-    bn_recalibrate: bool = False
-    data_dir: str | None = None
+class TargetsConfig(MethodsConfig):
+    per_method: ClassVar[tuple[str, ...]] = ("sparsities",)
+
+    methods: tuple[str, ...] = option(("pilot", "spred", "str", "gmp"),
+                                      f"comma-separated, from: {','.join(METHODS)}")
+    sparsities: tuple[float, ...] = option((0.8, 0.9, 0.95, 0.98),
+                                           "target sparsities, comma-separated")
 
     def validate(self) -> None:
-        check_options(self.methods, self.hparams, self.seeds, self.epochs)
+        super().validate()
         if not self.sparsities or not all(0 < s < 1 for s in self.sparsities):
             raise UsageError(f"sparsities must lie in (0, 1), got {self.sparsities}")
         if len(set(self.sparsities)) < len(self.sparsities):
             raise UsageError(f"--sparsities names a target more than once: {self.sparsities}")
-        preset(self.preset, self.dataset, self.model)
-
-    def shared(self) -> dict[str, Any]:
-        """The settings every method of one output folder must share."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("methods", "sparsities", "seeds", "hparams", "data_dir")}
 
 
 def plan(cfg: TargetsConfig, epoch_lr: float) -> dict[tuple[str, str], list[float]]:

@@ -1,27 +1,15 @@
-"""Sparsification methods behind one interface (`Method`), all trained by `mirrorprune.train`."""
+"""Sparsification methods behind one interface (`Method`), all trained by `mirrorprune.train`.
+
+Importing this package registers every method (`METHODS`, in this order: dense, l1, l1_m, spred,
+pilot, cs, powerprop, str, gmp); `create_method(name, **hparams)` builds one."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..errors import UsageError
-from ..reparam import Selector
-from .base import L1, Method
-from .gmp import GMP
-from .mirror import L1OnM, Pilot, Spred
+from .base import L1, METHODS, Method, create_method, methods_table, register_method
+from .mirror import REFERENCE_EPOCH_LR, DecayedMirror, L1OnM, MirrorMethod, PilotMethod, Spred
 from .param import STR, ContinuousSparsification, Powerprop
+from .gmp import GMP
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    Method, L1, L1OnM, Spred, Pilot, ContinuousSparsification, Powerprop, STR, GMP)}
-
-
-def create_method(name: str, include: Selector = None, exclude: Selector = (),
-                  **hparams: Any) -> Method:
-    """A method by name (see METHODS) with its hyperparameters."""
-    if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name](include=include, exclude=exclude, **hparams)
-
-
-__all__ = ["METHODS", "GMP", "L1", "STR", "ContinuousSparsification", "L1OnM", "Method", "Pilot",
-           "Powerprop", "Spred", "create_method"]
+__all__ = ["METHODS", "REFERENCE_EPOCH_LR", "GMP", "L1", "STR", "ContinuousSparsification",
+           "DecayedMirror", "L1OnM", "Method", "MirrorMethod", "PilotMethod", "Powerprop",
+           "Spred", "create_method", "methods_table", "register_method"]

@@ -1,103 +1,80 @@
-"""The one small interface every method implements, dense training (x = x) as its base, and
-typed hyperparameters: each method declares them as a dataclass (`HParams` subclass) whose
-fields carry type, default, range and a one-line help; `parse_hparams` turns user values (from
-the API or `--hp NAME.KEY=VALUE`) into it, naming the valid keys, types and ranges on error."""
+"""The one small interface every method implements, its registry, dense training (x = x) as
+its base, and explicit L1.
+
+A method is one class with one typed configuration: `Config`, a dataclass declared with
+`mirrorprune.config.option` (names, types, defaults, ranges, one-line help), registered by
+name with `@register_method("name")`; `create_method(name, **hparams)` is the one factory."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import numbers
-import typing
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UsageError, check_number
+from ..config import _default, kind_text, option, parse
+from ..errors import UsageError
 from ..prune import pruned_mass
 from ..reparam import Selector, safe_deepcopy, select_modules
 
+#: Every method by name, in registration order (filled by `register_method`).
+METHODS: dict[str, type[Method]] = {}
 
-def hparam(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False,
-           choices: tuple[str, ...] | None = None) -> Any:
-    """A hyperparameter field: its default, one line of help, and the allowed values."""
-    return dataclasses.field(default=default, metadata={
-        "help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-        "choices": choices})
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: registers a Method subclass under `name` (its `--methods` name)."""
+    def register(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method name {name!r} is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return register
+
+
+def create_method(name: str, include: Selector = None, exclude: Selector = (),
+                  **hparams: Any) -> Method:
+    """A method by name (see METHODS) with its hyperparameters (checked: UsageError)."""
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](include=include, exclude=exclude, **hparams)
+
+
+def methods_table(markdown: bool = False) -> str:
+    """Every registered method with its hyperparameters (type, range, default, help), from the
+    methods' own declarations: as text, or as the README's Markdown table."""
+    def summary(cls: type) -> str:
+        return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+
+    if not markdown:
+        out = []
+        for name, cls in METHODS.items():
+            out.append(f"{name}: {summary(cls)}")
+            out += [f"    {f.name} ({kind_text(cls.Config, f)}, default {_default(f)!r}): "
+                    f"{f.metadata['help']}" for f in dataclasses.fields(cls.Config)]
+        return "\n".join(out)
+    lines = ["| `--methods` name | what | hyperparameters (`--hp NAME.KEY=VALUE`): type, "
+             "default, meaning |", "|---|---|---|"]
+    for name, cls in METHODS.items():
+        hps = "<br>".join(f"`{f.name}` = `{_default(f)!r}` ({kind_text(cls.Config, f)}): "
+                          f"{f.metadata['help']}" for f in dataclasses.fields(cls.Config))
+        cells = [f"`{name}`", summary(cls), hps or "—"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
-class HParams:
-    """Base of every method's hyperparameters (none: dense training)."""
-
-    def check(self) -> None:
-        """Checks across fields (after each field was checked on its own)."""
+class NoHParams:
+    """Dense training has no hyperparameters of its own."""
 
 
-def _kind(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
-    """(float, int or str, whether None is allowed) of a field."""
-    hint = typing.get_type_hints(cls)[f.name]
-    args = typing.get_args(hint)
-    if args:  # X | None
-        return next(a for a in args if a is not type(None)), type(None) in args
-    return hint, False
+hparam = option  # the methods' name for a hyperparameter field
 
 
-def describe(cls: type[HParams], f: dataclasses.Field) -> str:
-    """"alpha (float >= 0, default 0.001): what it does" for one field."""
-    kind, optional = _kind(cls, f)
-    md = f.metadata
-    if md["choices"]:
-        what = " | ".join(md["choices"])
-    else:
-        lo, hi = md["low"], md["high"]
-        what = kind.__name__
-        if lo is not None and hi is not None:
-            what += (f" in {'(' if md['low_open'] else '['}{lo:g}, "
-                     f"{hi:g}{')' if md['high_open'] else ']'}")
-        elif lo is not None:
-            what += f" {'>' if md['low_open'] else '>='} {lo:g}"
-        elif hi is not None:
-            what += f" {'<' if md['high_open'] else '<='} {hi:g}"
-    if optional:
-        what += " or None"
-    return f"{f.name} ({what}, default {f.default!r}): {md['help']}"
-
-
-def _coerce(cls: type[HParams], f: dataclasses.Field, value: Any, what: str) -> Any:
-    kind, optional = _kind(cls, f)
-    md = f.metadata
-    if value is None and optional:
-        return None
-    if kind is float:
-        return check_number(value, what, md["low"], md["high"], md["low_open"], md["high_open"])
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise UsageError(f"{what} must be an integer, got {value!r}")
-        return int(check_number(value, what, md["low"], md["high"]))
-    if not isinstance(value, str) or (md["choices"] and value not in md["choices"]):
-        raise UsageError(f"{what} must be one of {', '.join(md['choices'] or ('a string',))}, "
-                         f"got {value!r}")
-    return value
-
-
-def parse_hparams(cls: type[HParams], values: dict[str, Any], method: str) -> HParams:
-    """`values` (name -> value) checked and converted into `cls`; unset fields keep their
-    defaults."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        valid = "; ".join(describe(cls, f) for f in fields.values()) or "none"
-        raise UsageError(f"unknown hyperparameter(s) {unknown} for method {method!r}; "
-                         f"valid: {valid}")
-    out = cls(**{k: _coerce(cls, fields[k], v, f"{method}.{k}") for k, v in values.items()})
-    out.check()
-    return out
-
-
+@register_method("dense")
 class Method:
     """Dense training (x = x) with ordinary weight decay; pruned by global magnitude afterwards.
 
@@ -106,11 +83,13 @@ class Method:
     `optimizer.step()`, `after_step()`, and after evaluation `end_epoch(epoch, row)`.
     `export()` returns a plain copy of the model after the method's own finalization (a hard
     mask, a collapsed m ⊙ w, ...), ready for exact magnitude pruning of the same weights.
+    Fixed masks, rewinding and snapshots are training-loop callbacks
+    (`mirrorprune.train.FixedMasks`, ...), not method state.
     """
 
     name = "dense"
     uses_mw = False  # trains a product m ⊙ w (the paper gives those a doubled learning rate)
-    Config: type[HParams] = HParams  # the method's hyperparameters
+    Config: type = NoHParams  # the method's hyperparameters, a dataclass of `hparam` fields
     defaults: dict[str, Any] = {}  # Config's defaults as a dict (set for each subclass)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -118,17 +97,18 @@ class Method:
         cls.defaults = dataclasses.asdict(cls.Config())
 
     def __init__(self, include: Selector = None, exclude: Selector = (), **hparams: Any):
-        self.config = parse_hparams(self.Config, hparams, self.name)
+        self.config = parse(self.Config, hparams, self.name)
         self.hp = dataclasses.asdict(self.config)
         self.include, self.exclude = include, exclude
         self.model: nn.Module | None = None
         self.step_count = 0
-        # For iterative pruning: fixed keep-masks by weight name (re-applied after every step),
-        # a state_dict loaded right after attach, and an epoch whose weights are kept (rewind).
-        self.masks: dict[str, torch.Tensor] | None = None
-        self.initial_state: dict[str, torch.Tensor] | None = None
-        self.snapshot_epoch: int | None = None
-        self.snapshot: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def aim(cls, target: float, epoch_lr: float) -> dict[str, Any]:
+        """The hyperparameters that aim this method at sparsity `target` on a budget of
+        `epoch_lr` (steps per epoch × learning rate of its prunable weights); {} if it has no
+        knob for that (it is then pruned to the target at the end, like every method)."""
+        return {}
 
     # ---------------------------------------------------------------- training hooks
 
@@ -136,23 +116,10 @@ class Method:
         self.model, self.steps_per_epoch, self.epochs = model, steps_per_epoch, epochs
         self.modules = select_modules(model, self.include, self.exclude)
 
-    def setup(self) -> None:
-        """Called by the training loop after `attach` and before the optimizer is built."""
-        if self.initial_state is not None:
-            self.model.load_state_dict(self.initial_state)
-        self.apply_masks()
-
     def masked_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """The trainable tensors behind each prunable weight, which a mask zeroes."""
+        """The trainable tensors behind each prunable weight (by the weight's name), which a
+        fixed mask zeroes (`mirrorprune.train.FixedMasks`)."""
         return {f"{n}.weight" if n else "weight": [mod.weight] for n, mod in self.modules}
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        if self.masks is None:
-            return
-        for name, tensors in self.masked_tensors().items():
-            for t in tensors:
-                t.mul_(self.masks[name])
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "weight_decay": weight_decay}]
@@ -172,12 +139,9 @@ class Method:
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         """After evaluation, with the epoch's log row (train_acc, test_acc, ...)."""
-        if self.snapshot_epoch is not None and epoch + 1 == self.snapshot_epoch:
-            self.snapshot = copy.deepcopy(self.model.state_dict())
 
     def after_step(self) -> None:
         self.step_count += 1
-        self.apply_masks()
 
     # ---------------------------------------------------------------- results
 
@@ -210,19 +174,18 @@ class Method:
         return safe_deepcopy(self.model)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "snapshot": self.snapshot}
+        return {"step_count": self.step_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count, self.snapshot = state["step_count"], state.get("snapshot")
+        self.step_count = state["step_count"]
 
 
+@register_method("l1")
 class L1(Method):
     """Dense with an explicit L1 penalty λ‖x‖₁ on the prunable weights (SPEC §3)."""
 
-    name = "l1"
-
     @dataclasses.dataclass(frozen=True)
-    class Config(HParams):
+    class Config:
         lam: float = hparam(1e-4, "λ of the penalty λ‖x‖₁, summed over all prunable weights",
                             low=0)
 

@@ -8,18 +8,18 @@ import torch
 
 from ..errors import UsageError
 from ..prune import magnitude_masks
-from .base import HParams, Method, hparam
+from .base import Method, hparam, register_method
 
 
+@register_method("gmp")
 class GMP(Method):
-    """Prune to `target` along s_t = target·(1 − (1 − progress)³) between the fractions `start`
-    and `end` of training, recomputing global magnitude masks every `every` steps; pruned weights
-    are held at zero after every optimizer step."""
-
-    name = "gmp"
+    """Gradual magnitude pruning (Zhu & Gupta 2017): prune to `target` along
+    s_t = target·(1 − (1 − progress)³) between the fractions `start` and `end` of training,
+    recomputing global magnitude masks every `every` steps; pruned weights are held at zero after
+    every optimizer step."""
 
     @dataclasses.dataclass(frozen=True)
-    class Config(HParams):
+    class Config:
         target: float = hparam(0.9, "sparsity reached at the end of the ramp", low=0, high=1,
                                high_open=True)
         start: float = hparam(0.1, "fraction of training where the ramp starts", low=0, high=1)
@@ -36,7 +36,7 @@ class GMP(Method):
     def attach(self, model, steps_per_epoch, epochs):
         super().attach(model, steps_per_epoch, epochs)
         self.total = steps_per_epoch * epochs
-        self.masks: dict[str, torch.Tensor] | None = None
+        self.ramp_masks: dict[str, torch.Tensor] | None = None  # the ramp's current masks
 
     def sparsity_at(self, step: int) -> float:
         t0, t1 = self.hp["start"] * self.total, self.hp["end"] * self.total
@@ -49,18 +49,25 @@ class GMP(Method):
         k = self.step_count
         end = self.hp["end"] * self.total + self.hp["every"]  # one update past the ramp's end
         in_ramp = self.hp["start"] * self.total <= k <= end
-        if in_ramp and (k % self.hp["every"] == 0 or self.masks is None):
+        if in_ramp and (k % self.hp["every"] == 0 or self.ramp_masks is None):
             s = self.sparsity_at(k)
             if s > 0:
-                self.masks = magnitude_masks(self.weights(), s, self.hp["scope"])
-        self.apply_masks()
+                self.ramp_masks = magnitude_masks(self.weights(), s, self.hp["scope"])
+        if self.ramp_masks is not None:
+            for name, tensors in self.masked_tensors().items():
+                for t in tensors:
+                    t.mul_(self.ramp_masks[name])
 
     def stats(self):
         return {**super().stats(), "gmp_sparsity": self.sparsity_at(self.step_count)}
 
+    @classmethod
+    def aim(cls, target, epoch_lr):
+        return {"target": target}
+
     def state_dict(self):
-        return {**super().state_dict(), "masks": self.masks}
+        return {**super().state_dict(), "masks": self.ramp_masks}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.masks = state["masks"]
+        self.ramp_masks = state["masks"]

@@ -1,4 +1,12 @@
-"""Methods that train x = m ⊙ w: PILoT, spred (β = 0, constant weight decay) and L1 on m."""
+"""Methods that train x = m ⊙ w, as siblings over one base that holds the reparametrization:
+
+- `MirrorMethod`: x = m ⊙ w from m0² − w0² = β (masks act on m and w; export collapses x);
+- `L1OnM`: + an L1 penalty λ‖m‖₁, ordinary weight decay on every parameter;
+- `DecayedMirror`: + a weight decay α_k(‖m‖² + ‖w‖²) on m and w instead of the ordinary one,
+  applied by `mirrorprune.PILoT.step`:
+  - `PilotMethod`: PILoT, α_k from a named schedule that is turned off in time, β = 1;
+  - `Spred`: a constant α from spred's initialization β = 0.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +19,133 @@ from .. import schedules as S
 from ..errors import UsageError
 from ..pilot import PILoT
 from ..prune import pruned_mass
-from .base import HParams, Method, hparam
+from .base import Method, hparam, register_method
+
+# The budget the aim values below were chosen on (50k MNIST images, batch 128: 391 steps of lr
+# 0.1 per epoch). α is a per-step rate, so on another budget the α values are scaled by
+# REFERENCE_EPOCH_LR / (its steps per epoch × lr), to add the same A = Σ ηα per epoch.
+REFERENCE_EPOCH_LR = 391 * 0.1
 
 
-class Pilot(Method):
-    """PILoT: α_t(‖m‖² + ‖w‖²) on x = m ⊙ w with m0² − w0² = beta.
+class MirrorMethod(Method):
+    """x = m ⊙ w on the selected weights (a `mirrorprune.PILoT` holds the reparametrization and
+    the schedule of α_k, `schedule()`), initialized with m0² − w0² = `beta()`."""
 
-    schedule (k counted in epochs): "geometric" α·p^epoch with p = decay_to^(1/epochs) unless p is
-    given (paper: p = 0.95), "constant", "harmonic", "quadratic", "half" (constant for the first
-    half of training, then off), or "target": `schedules.TargetController` started at α and aimed
-    at `target` sparsity (its delta, acc_tol and mass_tol are hyperparameters here too). m and w
-    get no ordinary weight decay.
-    """
-
-    name = "pilot"
     uses_mw = True
 
+    def beta(self) -> float:
+        return self.hp["beta"]
+
+    def schedule(self) -> S.Schedule:
+        return S.Constant(0.0)
+
+    def attach(self, model, steps_per_epoch, epochs):
+        super().attach(model, steps_per_epoch, epochs)
+        self.pilot = PILoT(model, self.schedule(), beta=self.beta(), include=self.include,
+                           exclude=self.exclude)
+
+    def masked_tensors(self):
+        # a pruned weight is the saddle m = w = 0: gradient and decay vanish there
+        return {mw.name: [mw.m, mw.w] for mw in self.pilot.weights}
+
+    def weights(self):
+        return {mw.name: mw.x() for mw in self.pilot.weights}
+
+    def export(self):
+        return self.pilot.finalize(0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pilot": self.pilot.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.pilot.load_state_dict(state["pilot"])
+
+
+@register_method("l1_m")
+class L1OnM(MirrorMethod):
+    """x = m ⊙ w (β = 1) with an L1 penalty λ‖m‖₁ and ordinary weight decay on every parameter."""
+
     @dataclasses.dataclass(frozen=True)
-    class Config(HParams):
+    class Config:
+        lam: float = hparam(1e-4, "λ of the penalty λ‖m‖₁", low=0)
+        beta: float = hparam(1.0, "m0² − w0² at initialization", low=0)
+
+    def penalty(self) -> torch.Tensor:
+        return self.hp["lam"] * sum(mw.m.abs().sum() for mw in self.pilot.weights)
+
+
+class DecayedMirror(MirrorMethod):
+    """x = m ⊙ w with the weight decay α_k(‖m‖² + ‖w‖²) on m and w (and none of the ordinary
+    one), added to their gradients before every optimizer step."""
+
+    def param_groups(self, weight_decay):
+        return self.pilot.param_groups(weight_decay)
+
+    def check_lr(self, lr):
+        alpha = self.hp["alpha"]
+        if 2 * alpha * lr >= 1:
+            raise UsageError(f"{self.name}.alpha {alpha:g} is too large for the learning rate "
+                             f"{lr:g}: each step would multiply m and w by 1 − 2·alpha·lr = "
+                             f"{1 - 2 * alpha * lr:g} <= 0; PILoT's alpha is typically "
+                             "1e-5..1e-2 per step")
+
+    def before_step(self, lr):
+        self.pilot.step(lr=lr)
+
+    def stats(self):
+        st = self.pilot.stats()
+        return {**super().stats(), **{k: st[k] for k in ("alpha", "A", "c_measured")}}
+
+
+@register_method("spred")
+class Spred(DecayedMirror):
+    """spred (Ziyin & Wang 2023): m ⊙ w from β = 0 (m0 = sqrt|x0|, w0 = sign(x0) sqrt|x0|) with a
+    constant weight decay alpha on m and w — at the optimum an L1 penalty 2α‖x‖₁.
+
+    No knob aims it at a sparsity: its sparsity follows α. `aim` uses the α of the grid point
+    that was best at the nearest target on a validation split (the last 10k MNIST training
+    images, LeNet-300-100, `cpu` budget; benchmarks/calibrate_targets.py)."""
+
+    AIM_ALPHA = {0.8: 3e-4, 0.9: 3e-4, 0.95: 3e-4, 0.98: 5e-4}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        alpha: float = hparam(1e-4, "constant weight decay α on m and w, per step", low=0)
+
+    def beta(self) -> float:
+        return 0.0
+
+    def schedule(self):
+        return S.Constant(self.hp["alpha"])
+
+    @classmethod
+    def aim(cls, target, epoch_lr):
+        nearest = min(cls.AIM_ALPHA, key=lambda s: abs(s - target))
+        return {"alpha": cls.AIM_ALPHA[nearest] * REFERENCE_EPOCH_LR / epoch_lr}
+
+
+@register_method("pilot")
+class PilotMethod(DecayedMirror):
+    """PILoT: α_t(‖m‖² + ‖w‖²) on x = m ⊙ w with m0² − w0² = beta.
+
+    schedule (k counted in epochs; `mirrorprune.schedules.from_name`): "geometric" α·p^epoch
+    with p = decay_to^(1/epochs) unless p is given (paper: p = 0.95), "constant", "harmonic",
+    "quadratic", "half" (constant for the first half of training, then off), or "target":
+    `schedules.TargetController` started at α and aimed at `target` sparsity (its delta,
+    acc_tol and mass_tol are hyperparameters here too). m and w get no ordinary weight decay.
+    """
+
+    # `aim`: the target controller from this α (per step, at REFERENCE_EPOCH_LR); the
+    # controller's delta and mass_tol were chosen on a validation split, this α was not tuned.
+    AIM_ALPHA_INIT = 3e-4
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
         alpha: float = hparam(1e-3, "α per step in the first epoch (target: the starting α)",
                               low=0)
         schedule: str = hparam("geometric", "how α changes from epoch to epoch",
-                               choices=("geometric", "constant", "harmonic", "quadratic", "half",
-                                        "target"))
+                               choices=tuple(S.SCHEDULES))
         p: float | None = hparam(None, "geometric: α·p^epoch (None: decay_to^(1/epochs))",
                                  low=0, high=1, low_open=True, high_open=True)
         decay_to: float = hparam(0.01, "geometric with p None: α of the last epoch / α", low=0,
@@ -53,108 +165,18 @@ class Pilot(Method):
                 raise UsageError("pilot.schedule=target needs pilot.target (a sparsity in "
                                  "(0, 1), e.g. 0.9)")
 
-    def make_schedule(self) -> S.Schedule:
-        a, kind = self.hp["alpha"], self.hp["schedule"]
-        if kind == "target":
-            return S.TargetController(a, self.hp["target"], self.epochs, delta=self.hp["delta"],
-                                      acc_tol=self.hp["acc_tol"], mass_tol=self.hp["mass_tol"])
-        if kind == "geometric":
-            p = self.hp["p"] or self.hp["decay_to"] ** (1 / max(1, self.epochs))
-            per_epoch = S.Geometric(a, p)
-        elif kind == "half":
-            per_epoch = S.OffAfter(S.Constant(a), max(1, self.epochs // 2))
-        else:
-            per_epoch = {"constant": S.Constant, "harmonic": S.Harmonic,
-                         "quadratic": S.Quadratic}[kind](a)
-        return S.Every(per_epoch, self.steps_per_epoch)
+    def schedule(self) -> S.Schedule:
+        hp = self.hp
+        return S.from_name(hp["schedule"], hp["alpha"], self.epochs, self.steps_per_epoch,
+                           p=hp["p"], decay_to=hp["decay_to"], target=hp["target"],
+                           delta=hp["delta"], acc_tol=hp["acc_tol"], mass_tol=hp["mass_tol"])
 
-    def attach(self, model, steps_per_epoch, epochs):
-        super().attach(model, steps_per_epoch, epochs)
-        self.pilot = PILoT(model, self.make_schedule(), beta=self.hp["beta"],
-                           include=self.include, exclude=self.exclude)
-
-    def param_groups(self, weight_decay):
-        return self.pilot.param_groups(weight_decay)
-
-    def check_lr(self, lr):
-        alpha = self.hp.get("alpha", 0.0)  # l1_m trains m ⊙ w without α
-        if 2 * alpha * lr >= 1:
-            raise UsageError(f"{self.name}.alpha {alpha:g} is too large for the learning rate "
-                             f"{lr:g}: each step would multiply m and w by 1 − 2·alpha·lr = "
-                             f"{1 - 2 * alpha * lr:g} <= 0; PILoT's alpha is typically "
-                             "1e-5..1e-2 per step")
-
-    def before_step(self, lr):
-        self.pilot.step(lr=lr)
-
-    def masked_tensors(self):
-        # a pruned weight is the saddle m = w = 0: gradient and decay vanish there
-        return {mw.name: [mw.m, mw.w] for mw in self.pilot.weights}
+    @classmethod
+    def aim(cls, target, epoch_lr):
+        return {"schedule": "target", "target": target,
+                "alpha": cls.AIM_ALPHA_INIT * REFERENCE_EPOCH_LR / epoch_lr}
 
     def end_epoch(self, epoch, row):
-        super().end_epoch(epoch, row)
         sched = self.pilot.schedule
         if isinstance(sched, S.TargetController):
             sched.observe(epoch, row["train_acc"], pruned_mass(self.weights(), sched.target))
-
-    def weights(self):
-        return {mw.name: mw.x() for mw in self.pilot.weights}
-
-    def stats(self):
-        st = self.pilot.stats()
-        return {**super().stats(), **{k: st[k] for k in ("alpha", "A", "c_measured")}}
-
-    def export(self):
-        return self.pilot.finalize(0.0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pilot": self.pilot.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.pilot.load_state_dict(state["pilot"])
-
-
-class Spred(Pilot):
-    """spred (Ziyin & Wang 2023): m ⊙ w from β = 0 (m0 = sqrt|x0|, w0 = sign(x0) sqrt|x0|) with a
-    constant weight decay alpha on m and w — at the optimum an L1 penalty 2α‖x‖₁."""
-
-    name = "spred"
-
-    @dataclasses.dataclass(frozen=True)
-    class Config(HParams):
-        alpha: float = hparam(1e-4, "constant weight decay α on m and w, per step", low=0)
-
-    def make_schedule(self):
-        return S.Constant(self.hp["alpha"])
-
-    def attach(self, model, steps_per_epoch, epochs):
-        Method.attach(self, model, steps_per_epoch, epochs)
-        self.pilot = PILoT(model, self.make_schedule(), beta=0.0, include=self.include,
-                           exclude=self.exclude)
-
-
-class L1OnM(Pilot):
-    """x = m ⊙ w (β = 1) with an L1 penalty λ‖m‖₁ and ordinary weight decay on every parameter."""
-
-    name = "l1_m"
-
-    @dataclasses.dataclass(frozen=True)
-    class Config(HParams):
-        lam: float = hparam(1e-4, "λ of the penalty λ‖m‖₁", low=0)
-        beta: float = hparam(1.0, "m0² − w0² at initialization", low=0)
-
-    def make_schedule(self):
-        return S.Constant(0.0)
-
-    def param_groups(self, weight_decay):
-        return [{"params": list(self.model.parameters()), "weight_decay": weight_decay}]
-
-    def penalty(self) -> torch.Tensor:
-        return self.hp["lam"] * sum(mw.m.abs().sum() for mw in self.pilot.weights)
-
-    def before_step(self, lr):
-        pass
-
-    def stats(self):
-        return Method.stats(self)
