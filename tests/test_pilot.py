@@ -112,7 +112,20 @@ def test_stats_contents():
     assert st["params"] == 120 and st["zeros"] == 0
     x = torch.cat([mw.x().flatten() for mw in pilot.weights])
     assert st["l1"] == pytest.approx(float(x.abs().sum()), rel=1e-6)
-    assert 0 <= st["near_zero"] <= 1
+    near = int((x.abs() <= 1e-3).sum())
+    assert st["near_zero"] == near / 120 and st["l2sq_mw"] == pytest.approx(
+        sum(float(mw.m.square().sum() + mw.w.square().sum()) for mw in pilot.weights))
+    # a constructed case: three weights set exactly (x = m·w with m² − w² = β kept)
+    mw = pilot.weights[0]
+    with torch.no_grad():
+        for i, x0 in enumerate((0.0, 5e-4, 2.0)):
+            m0, w0 = mp.mirror_init(torch.tensor(x0, dtype=torch.float64), 2.0)
+            mw.m.view(-1)[i], mw.w.view(-1)[i] = m0, w0
+    st2 = pilot.stats()
+    assert st2["zeros"] == 1 and st2["near_zero"] == (near + 2 - sum(
+        int(abs(float(v)) <= 1e-3) for v in x[:3])) / 120
+    assert st2["c_measured"] == pytest.approx(1.0, rel=1e-5)  # m² − w² = β for every entry
+    assert st2["penalty"] == pytest.approx(1e-2 * st2["l2sq_mw"])
     opt = torch.optim.SGD(pilot.param_groups(), lr=0.1)
     model(torch.randn(2, 10)).sum().backward()
     pilot.step()  # no lr: A is unknown from then on, the measured c still reported

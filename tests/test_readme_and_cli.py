@@ -27,12 +27,20 @@ def test_demo_pilot_beats_dense_at_95_percent():
     assert out["report"].sparsity == pytest.approx(0.95, abs=1e-4)
 
 
-def test_cli_demo_smoke(capsys, tmp_path):
+def test_cli_demo_writes_what_it_prints(capsys, tmp_path):
+    import json
+
     assert main(["demo", "--seeds", "1", "--epochs", "2", "--quiet",
                  "--json", str(tmp_path / "d.json")]) == 0
     out = capsys.readouterr().out
-    assert "pilot" in out and "dense" in out and "total" in out
-    assert (tmp_path / "d.json").stat().st_size > 0
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert {(r["method"], r["sparsity"]) for r in d["summary"]} == {
+        (m, s) for m in ("dense", "pilot") for s in (0.0, 0.9, 0.95, 0.98)}
+    unpruned = {r["method"]: r["accuracy_mean"] for r in d["summary"] if r["sparsity"] == 0}
+    assert min(unpruned.values()) > 0.8  # two epochs already learn the digits
+    total = d["report"][-1]
+    assert total["zeros"] == round(0.98 * total["params"]) and f"{total['zeros']:,}" in out
+    assert d["config"]["epochs"] == 2 and "2 epochs" in out
 
 
 def test_doctor_reports_datasets(capsys, tmp_path):

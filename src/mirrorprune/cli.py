@@ -64,13 +64,16 @@ def _parse_hparams(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def _oneshot(args: argparse.Namespace) -> int:
-    from .experiments import oneshot
+def _compare(args: argparse.Namespace) -> int:
+    """oneshot and targets: methods compared in one output folder."""
+    from .experiments import oneshot, targets
 
-    cfg = from_args(oneshot.OneshotConfig, args, hparams=_parse_hparams(args.hp))
-    res = oneshot.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
+    module, cls = {"oneshot": (oneshot, oneshot.OneshotConfig),
+                   "targets": (targets, targets.TargetsConfig)}[args.command]
+    cfg = from_args(cls, args, hparams=_parse_hparams(args.hp))
+    res = module.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
-    print(f"wrote {args.out}/: {', '.join(res['files'])} and runs/ ({res['seconds']:.0f} s)")
+    print(f"wrote {args.out}/: {', '.join(res['files'])} ({res['seconds']:.0f} s)")
     return 0
 
 
@@ -85,16 +88,6 @@ def _iterative(args: argparse.Namespace) -> int:
     print(f"{cfg.variant}: cycle {last}, sparsity {sum(sp) / len(sp):.2%}, test accuracy "
           f"{100 * sum(accs) / len(accs):.2f}% (mean of {len(accs)} seed(s)); wrote "
           f"{args.out}/iterative.csv, iterative.png ({res['seconds']:.0f} s)")
-    return 0
-
-
-def _targets(args: argparse.Namespace) -> int:
-    from .experiments import targets
-
-    cfg = from_args(targets.TargetsConfig, args, hparams=_parse_hparams(args.hp))
-    res = targets.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
-    print(res["table"])
-    print(f"wrote {args.out}/targets.csv, targets.md, config.json ({res['seconds']:.0f} s)")
     return 0
 
 
@@ -152,11 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
          "90-98%%"),
         ("diag", _diag, diag.DiagConfig, "diagonal linear network experiment (paper Fig. 1, 4, "
          "5)"),
-        ("oneshot", _oneshot, oneshot.OneshotConfig, "one-shot pruning sweep of several methods "
+        ("oneshot", _compare, oneshot.OneshotConfig, "one-shot pruning sweep of several methods "
          "(paper Fig. 2)"),
         ("iterative", _iterative, iterative.IterativeConfig, "IMP / LRR with or without PILoT "
          "(paper Fig. 3)"),
-        ("targets", _targets, targets.TargetsConfig, "train each method aimed at fixed target "
+        ("targets", _compare, targets.TargetsConfig, "train each method aimed at fixed target "
          "sparsities"),
     ]
     for name, func, cls, text in commands:
@@ -190,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     unreadable file) prints one paragraph, the problem and the fix, on stderr and returns 2; a
     run stopped by non-finite numbers returns 1; Ctrl-C returns 130. No tracebacks for those."""
     args = build_parser().parse_args(argv)
-    if args.func in (_oneshot, _targets, _iterative):
+    if args.func in (_compare, _iterative):
         from .train import init_distributed
 
         if init_distributed()[0] != 0:  # a no-op unless launched by torchrun

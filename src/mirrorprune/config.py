@@ -56,7 +56,7 @@ def _range(md: dict) -> str:
     return ""
 
 
-def _default(f: dataclasses.Field) -> Any:
+def default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory()  # type: ignore[misc]
@@ -73,7 +73,7 @@ def kind_text(cls: type, f: dataclasses.Field) -> str:
 
 def describe(cls: type, f: dataclasses.Field) -> str:
     """'alpha (float >= 0, default 0.001): what it does' for one field."""
-    return f"{f.name} ({kind_text(cls, f)}, default {_default(f)!r}): {f.metadata.get('help')}"
+    return f"{f.name} ({kind_text(cls, f)}, default {default_of(f)!r}): {f.metadata.get('help')}"
 
 
 def check_value(cls: type, f: dataclasses.Field, value: Any, what: str) -> Any:
@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if not md.get("cli", False):
             continue
         kind, optional = _kind(cls, f)
-        default = _default(f)
+        default = default_of(f)
         text = md["help"].replace("%", "%%")  # argparse formats help with %
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
         kw: dict[str, Any] = {"help": f"{text} (default {shown})"}

@@ -71,30 +71,28 @@ class Constant(Schedule):
         return {"alpha": self.alpha0}
 
 
-class Harmonic(Schedule):
-    """α_k = alpha0 / (k + 1)."""
+class _FromAlpha0(Schedule):
+    """A schedule defined by alpha0 alone (its `alpha(k)` says how it decays)."""
 
     def __init__(self, alpha0: float):
         self.alpha0 = check_alpha(alpha0, "alpha0")
+
+    def config(self) -> dict[str, Any]:
+        return {"alpha0": self.alpha0}
+
+
+class Harmonic(_FromAlpha0):
+    """α_k = alpha0 / (k + 1)."""
 
     def alpha(self, k: int) -> float:
         return self.alpha0 / (k + 1)
 
-    def config(self) -> dict[str, Any]:
-        return {"alpha0": self.alpha0}
 
-
-class Quadratic(Schedule):
+class Quadratic(_FromAlpha0):
     """α_k = alpha0 / (k + 1)²."""
-
-    def __init__(self, alpha0: float):
-        self.alpha0 = check_alpha(alpha0, "alpha0")
 
     def alpha(self, k: int) -> float:
         return self.alpha0 / (k + 1) ** 2
-
-    def config(self) -> dict[str, Any]:
-        return {"alpha0": self.alpha0}
 
 
 class Geometric(Schedule):
@@ -117,13 +115,17 @@ def _check_count(value: int, what: str, minimum: int) -> int:
     return value
 
 
+def _check_schedule(schedule: Schedule) -> Schedule:
+    if not isinstance(schedule, Schedule):
+        raise UsageError(f"schedule must be a mirrorprune Schedule, got {schedule!r}")
+    return schedule
+
+
 class OffAfter(Schedule):
     """`schedule` for k < step, then 0: turns any schedule off after `step` steps."""
 
     def __init__(self, schedule: Schedule, step: int):
-        if not isinstance(schedule, Schedule):
-            raise UsageError(f"schedule must be a mirrorprune Schedule, got {schedule!r}")
-        self.inner = schedule
+        self.inner = _check_schedule(schedule)
         self.step = _check_count(step, "step", 0)
 
     def alpha(self, k: int) -> float:
@@ -140,9 +142,7 @@ class Every(Schedule):
     """
 
     def __init__(self, schedule: Schedule, n: int):
-        if not isinstance(schedule, Schedule):
-            raise UsageError(f"schedule must be a mirrorprune Schedule, got {schedule!r}")
-        self.inner = schedule
+        self.inner = _check_schedule(schedule)
         self.n = _check_count(n, "n", 1)
 
     def alpha(self, k: int) -> float:

@@ -180,4 +180,4 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     write_text(out / "oneshot.md", f"{title}\n\nTest accuracy (%), mean ± 95% CI over seeds.\n\n"
                                     f"{table}\n")
     return {"table": table, "summary": summary, "seconds": time.time() - t0,
-            "files": ["oneshot.csv", "oneshot.png", "oneshot.md", "config.json"]}
+            "files": ["oneshot.csv", "oneshot.png", "oneshot.md", "config.json", "runs/"]}

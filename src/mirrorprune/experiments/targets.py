@@ -129,7 +129,8 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                                     + (", BatchNorm statistics re-estimated after pruning"
                                        if cfg.bn_recalibrate else "")
                                     + f", mean ± 95% CI over seeds.\n\n{table}\n")
-    return {"table": table, "rows": rows, "seconds": time.time() - t0}
+    return {"table": table, "rows": rows, "seconds": time.time() - t0,
+            "files": ["targets.csv", "targets.md", "config.json", "target*/runs/"]}
 
 
 def markdown(rows: list[dict], methods: tuple[str, ...]) -> str:

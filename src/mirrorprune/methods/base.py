@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import _default, kind_text, option, parse
+from ..config import default_of, kind_text, option, parse
 from ..errors import UsageError
 from ..prune import pruned_mass
 from ..reparam import Selector, safe_deepcopy, select_modules
@@ -53,13 +53,13 @@ def methods_table(markdown: bool = False) -> str:
         out = []
         for name, cls in METHODS.items():
             out.append(f"{name}: {summary(cls)}")
-            out += [f"    {f.name} ({kind_text(cls.Config, f)}, default {_default(f)!r}): "
+            out += [f"    {f.name} ({kind_text(cls.Config, f)}, default {default_of(f)!r}): "
                     f"{f.metadata['help']}" for f in dataclasses.fields(cls.Config)]
         return "\n".join(out)
     lines = ["| `--methods` name | what | hyperparameters (`--hp NAME.KEY=VALUE`): type, "
              "default, meaning |", "|---|---|---|"]
     for name, cls in METHODS.items():
-        hps = "<br>".join(f"`{f.name}` = `{_default(f)!r}` ({kind_text(cls.Config, f)}): "
+        hps = "<br>".join(f"`{f.name}` = `{default_of(f)!r}` ({kind_text(cls.Config, f)}): "
                           f"{f.metadata['help']}" for f in dataclasses.fields(cls.Config))
         cells = [f"`{name}`", summary(cls), hps or "—"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
