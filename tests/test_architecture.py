@@ -59,7 +59,7 @@ def test_every_method_is_registered_with_a_typed_documented_config():
         create_method("pilot", alpha="abc")
     with pytest.raises(UsageError, match=r"gmp.every must be an integer >= 1, got 2.5"):
         create_method("gmp", every=2.5)
-    with pytest.raises(UsageError, match="pilot.schedule must be one of geometric"):
+    with pytest.raises(UsageError, match="pilot.schedule must be one of strength, target"):
         create_method("pilot", schedule="cosine")
 
 
@@ -93,9 +93,9 @@ def test_schedules_by_name():
     assert [half(k) for k in (0, 5, 6, 11)] == [2e-3, 2e-3, 0.0, 0.0]
     ctl = S.from_name("target", 1e-3, epochs=4, steps_per_epoch=3, target=0.9, p=0.5)
     assert isinstance(ctl, S.TargetController) and ctl.target == 0.9
-    assert set(S.SCHEDULES) == {"geometric", "constant", "harmonic", "quadratic", "half",
-                                "target"}
-    with pytest.raises(UsageError, match="unknown schedule 'cosine'; choose one of geometric"):
+    assert set(S.SCHEDULES) == {"strength", "geometric", "constant", "harmonic", "quadratic",
+                                "half", "target"}
+    with pytest.raises(UsageError, match="unknown schedule .cosine.; choose one of strength"):
         S.from_name("cosine", 1e-3, 4, 3)
     with pytest.raises(UsageError, match="needs a target"):
         S.from_name("target", 1e-3, 4, 3)

@@ -52,9 +52,11 @@ def _refused(args, out, *needles):
 @pytest.mark.parametrize("extra, needles", [
     (["--hp", "pilot.alpha=-1"], ["pilot.alpha must be a finite number >= 0, got -1"]),
     (["--hp", "pilot.alpha=abc"], ["pilot.alpha must be a finite number >= 0, got 'abc'"]),
-    (["--hp", "pilot.alpha=100"], ["pilot.alpha 100 is too large for the learning rate 0.1"]),
-    (["--hp", "pilot.nope=1"], ["unknown hyperparameter(s) ['nope']", "valid: alpha (float >= 0",
-                                "schedule (geometric | constant"]),
+    (["--hp", "pilot.schedule=geometric", "--hp", "pilot.alpha=100"],
+     ["pilot.alpha 100 is too large for the learning rate 0.1"]),
+    (["--hp", "pilot.alpha=2e-3"], ["pilot.alpha applies to the α schedules"]),
+    (["--hp", "pilot.nope=1"], ["unknown hyperparameter(s) ['nope']",
+                                "valid: strength (float >= 0", "schedule (strength | target"]),
     (["--hp", "pilot.schedule=target"], ["needs pilot.target"]),
     (["--exclude", "nomatch"], ["exclude pattern 'nomatch' matches no module"]),
     (["--epochs", "0"], ["--epochs must be >= 1"]),
@@ -94,9 +96,9 @@ def test_truncated_dataset_and_unwritable_out(tmp_path):
 
 def test_existing_runs_are_not_overwritten(finished):
     _refused([*BASE, "--out", finished], finished, "exists: resume it (--resume")
-    err = _refused([*BASE, "--out", finished, "--resume", "--hp", "pilot.alpha=2e-3"], finished,
+    err = _refused([*BASE, "--out", finished, "--resume", "--hp", "pilot.strength=3"], finished,
                    "was made with another configuration", "hparams")
-    assert "'alpha': 0.001" in err and "'alpha': 0.002" in err
+    assert "'strength': 2.0" in err and "'strength': 3" in err
     # other shared settings are refused before any run is looked at
     _refused([*BASE[:-3], "--epochs", "2", "--quiet", "--out", finished, "--resume"], finished,
              "holds results made with other settings", "epochs: 1 there, 2 now")

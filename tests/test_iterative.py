@@ -10,7 +10,9 @@ pytest.importorskip("matplotlib")
 
 
 def _cfg(**kw):
-    return iterative.IterativeConfig(**{"dataset": "digits", "cycles": 2, "epochs": 2, **kw})
+    # two epochs per cycle are a short flow time: a small strength
+    return iterative.IterativeConfig(**{"dataset": "digits", "cycles": 2, "epochs": 2,
+                                        "strength": 0.05, **kw})
 
 
 @pytest.mark.parametrize("mode, pilot, rewind", [("imp", False, 1), ("lrr", True, 0),

@@ -69,7 +69,7 @@ def test_method_specific_behaviour():
     cs.attach(_net(), 1, 3)
     cs.start_epoch(2)
     assert cs.stats()["temperature"] == pytest.approx(100.0)
-    pilot = create_method("pilot", alpha=1e-3, p=0.5)
+    pilot = create_method("pilot", schedule="geometric", alpha=1e-3, p=0.5)
     pilot.attach(_net(), steps_per_epoch=4, epochs=10)
     assert [pilot.pilot.schedule(k) for k in (0, 3, 4, 8)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
     spred = create_method("spred")
@@ -89,7 +89,7 @@ def test_powerprop_keeps_the_function_at_init():
 # must give a sparser model after the same training: more exact zeros of its own, or at least
 # 0.05 less of ‖x‖₁ outside the largest 10% of the weights (mass90)
 KNOBS = [("l1", "lam", 1e-6, 2e-2, {}), ("l1_m", "lam", 1e-6, 0.3, {}),
-         ("spred", "alpha", 1e-5, 0.1, {}), ("pilot", "alpha", 1e-5, 0.1, {}),
+         ("spred", "alpha", 1e-5, 0.1, {}), ("pilot", "strength", 0.02, 0.3, {}),
          ("cs", "s_init", 0.5, -0.5, {}), ("powerprop", "a", 1.0, 4.0, {}),
          ("str", "s_init", -6.0, -1.0, {}), ("gmp", "target", 0.3, 0.9, {"every": 1})]
 

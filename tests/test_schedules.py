@@ -39,27 +39,28 @@ def test_invalid(make, match):
 
 
 def test_target_controller_on_a_scripted_trace():
-    c = S.TargetController(1e-3, target_sparsity=0.9, epochs=10, delta=2.0, acc_tol=0.01,
-                           mass_tol=0.01, alpha_max=5e-3)
-    trace = [  # (train_acc, mass_at_target) -> expected α after the epoch
-        (0.50, 0.30, 2e-3),   # accuracy holds, not yet sparse: raise
-        (0.60, 0.20, 4e-3),   # raise
-        (0.55, 0.20, 4e-3),   # accuracy dropped by more than acc_tol, target not reached: hold
-        (0.60, 0.20, 5e-3),   # recovered: raise, capped at alpha_max
-        (0.61, 0.001, 2.5e-3),  # already effectively 90% sparse: lower
-        (0.70, 0.50, 1.25e-3),  # second half (epoch 6 of 10): always lower
-        (0.70, 0.50, 6.25e-4),
+    c = S.TargetController(1.0, target_sparsity=0.9, epochs=10, delta=2.0, acc_tol=0.01,
+                           mass_tol=0.01, rate_max=5.0, horizon=100, lr=0.1)
+    trace = [  # (train_acc, mass_at_target) -> expected rate of A after the epoch
+        (0.50, 0.30, 2.0),   # accuracy holds, not yet sparse: raise
+        (0.60, 0.20, 4.0),   # raise
+        (0.55, 0.20, 4.0),   # accuracy dropped by more than acc_tol, target not reached: hold
+        (0.60, 0.20, 5.0),   # recovered: raise, capped at rate_max
+        (0.61, 0.001, 2.5),  # already effectively 90% sparse: lower
+        (0.70, 0.50, 1.25),  # second half (epoch 6 of 10): always lower
+        (0.70, 0.50, 0.625),
     ]
     for epoch, (acc, mass, expected) in enumerate(trace):
         assert c.observe(epoch, acc, mass) == pytest.approx(expected)
-        assert c(12345) == pytest.approx(expected)  # constant within the next epoch
-    capped = S.TargetController(1e-3, 0.9, 100, delta=10.0, alpha_max=5e-3)
-    assert capped.observe(0, 0.5, 0.5) == 5e-3
-    d = S.TargetController(1e-3, 0.9, 10, delta=2.0)
+        # ΔA of a step: the rate times its share of flow time (constant lr: 1/horizon)
+        assert c.delta(50) == pytest.approx(expected / 100)
+    capped = S.TargetController(1.0, 0.9, 100, delta=10.0, rate_max=5.0)
+    assert capped.observe(0, 0.5, 0.5) == 5.0
+    d = S.TargetController(1.0, 0.9, 10, delta=2.0, horizon=100)
     d.load_state_dict(c.state_dict() | {"delta": 2.0, "acc_tol": 0.01, "mass_tol": 0.4,
-                                        "alpha_max": 0.1})
+                                        "rate_max": 50.0})
     assert d.current == c.current and len(d.history) == len(trace)
     with pytest.raises(ValueError, match="does not match"):
-        S.TargetController(1e-3, 0.8, 10).load_state_dict(c.state_dict())
+        S.TargetController(1.0, 0.8, 10, horizon=100).load_state_dict(c.state_dict())
     with pytest.raises(ValueError, match="target_sparsity"):
-        S.TargetController(1e-3, 1.0, 10)
+        S.TargetController(1.0, 1.0, 10)

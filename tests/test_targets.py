@@ -39,8 +39,9 @@ def test_aim_and_validation(tmp_path, capsys):
     # α is per step: half the steps × lr per epoch doubles it, s_init is not scaled
     half = REFERENCE_EPOCH_LR / 2
     assert targets.aim("spred", 0.9, half)["alpha"] == pytest.approx(2 * Spred.AIM_ALPHA[0.9])
-    assert targets.aim("pilot", 0.9, half)["alpha"] == pytest.approx(
-        2 * PilotMethod.AIM_ALPHA_INIT)
+    # the strength is budget-invariant: PILoT's controller starts from the same rate
+    assert targets.aim("pilot", 0.9, half) == targets.aim("pilot", 0.9) == {
+        "schedule": "target", "target": 0.9, "strength": PilotMethod.AIM_RATE}
     assert targets.aim("str", 0.9, half) == targets.aim("str", 0.9)
     assert main(["targets", "--sparsities", "0.9,1.0", "--out", str(tmp_path)]) == 2
     assert "sparsities must lie in (0, 1)" in capsys.readouterr().err

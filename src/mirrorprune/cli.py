@@ -19,8 +19,9 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = from_args(demo.DemoConfig, args)
     out = demo.run(cfg, progress=not args.quiet)
     print("\nMLP 64-256-256-10 on scikit-learn digits (360 test images), one-shot global "
-          f"magnitude pruning, {cfg.epochs} epochs, seeds 0..{cfg.seeds - 1}, "
-          f"PILoT alpha0={cfg.alpha0:g}")
+          f"magnitude pruning, {cfg.epochs} epochs, seeds 0..{cfg.seeds - 1}, PILoT "
+          + (f"strength A = {cfg.strength:g}" if cfg.alpha0 is None else
+             f"alpha0={cfg.alpha0:g}"))
     print(demo.format_table(out["summary"]))
     print(f"\nPILoT model at {max(cfg.sparsities):.0%} (seed 0):")
     print(out["report"])
@@ -65,12 +66,19 @@ def _parse_hparams(items: list[str]) -> dict[str, dict]:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    """oneshot and targets: methods compared in one output folder."""
-    from .experiments import oneshot, targets
+    """oneshot, targets and tune: training runs in one output folder, with --hp."""
+    from .experiments import oneshot, targets, tune
 
     module, cls = {"oneshot": (oneshot, oneshot.OneshotConfig),
-                   "targets": (targets, targets.TargetsConfig)}[args.command]
-    cfg = from_args(cls, args, hparams=_parse_hparams(args.hp))
+                   "targets": (targets, targets.TargetsConfig),
+                   "tune": (tune, tune.TuneConfig)}[args.command]
+    hp = _parse_hparams(args.hp)
+    if getattr(args, "hp_from", None):  # tuned values first, explicit --hp over them
+        methods = tuple((args.methods or ",".join(cls().methods)).split(","))
+        tuned = tune.hparams_from(args.hp_from, args.dataset or cls().dataset,
+                                  args.model or cls().model, methods)
+        hp = {m: {**tuned.get(m, {}), **hp.get(m, {})} for m in {*tuned, *hp}}
+    cfg = from_args(cls, args, hparams=hp)
     res = module.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/: {', '.join(res['files'])} ({res['seconds']:.0f} s)")
@@ -135,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The subcommands; each experiment's options are generated from its config dataclass
     (defaults and help written once, in `mirrorprune.experiments`)."""
     from . import __version__
-    from .experiments import demo, diag, iterative, oneshot, targets
+    from .experiments import demo, diag, iterative, oneshot, targets, tune
 
     p = argparse.ArgumentParser(prog="mirrorprune", description=__doc__)
     p.add_argument("--version", action="version", version=f"mirrorprune {__version__}")
@@ -151,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
          "(paper Fig. 3)"),
         ("targets", _compare, targets.TargetsConfig, "train each method aimed at fixed target "
          "sparsities"),
+        ("tune", _compare, tune.TuneConfig, "choose a method's hyperparameter on a validation "
+         "split (never the test set)"),
     ]
     for name, func, cls, text in commands:
         c = sub.add_parser(name, help=text)
@@ -159,12 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--json", metavar="FILE", help="also write all results as JSON")
         else:
             c.add_argument("--out", required=True, help="output folder")
-        if name in ("oneshot", "targets"):
+        if name in ("oneshot", "targets", "tune"):
             c.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                           help="method hyperparameter, e.g. pilot.alpha=1e-3 (repeatable; "
+                           help="method hyperparameter, e.g. pilot.strength=2 (repeatable; "
                            "`mirrorprune methods` lists them)")
             c.add_argument("--resume", action="store_true",
                            help="continue interrupted runs in --out and reuse finished ones")
+        if name in ("oneshot", "targets"):
+            c.add_argument("--hp-from", action="append", default=[], metavar="TUNE.JSON",
+                           help="the values chosen by `mirrorprune tune` (repeatable; --hp "
+                           "wins over them)")
         c.add_argument("--quiet", action="store_true", help="no progress bars")
         c.set_defaults(func=func)
 

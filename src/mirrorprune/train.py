@@ -190,7 +190,8 @@ def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: 
     run = Run(model, method, cfg, run_config(cfg, method, lr_scale, dataset, train_size), dev,
               math.ceil(train_size / cfg.batch_size), lr_scale, callbacks, out, rank, world)
     ck = check_resume(out, run.config, method, resume) if out else None
-    method.attach(model, run.steps_per_epoch, cfg.epochs)
+    method.attach(model, run.steps_per_epoch, cfg.epochs,
+                  lambda k: cfg.lr_at(k, run.total_steps, run.steps_per_epoch) * lr_scale)
     for cb in callbacks:
         cb.on_train_start(run)
     run.optimizer = OPTIMIZERS[cfg.optimizer](method.param_groups(cfg.weight_decay), cfg)

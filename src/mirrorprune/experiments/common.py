@@ -47,16 +47,31 @@ def preset(name: str, dataset: str, model: str) -> dict[str, Any]:
             "lr_scale_mw": 2.0, "train_subset": 10_000, "test_subset": 2_000}
 
 
-def load_data(dataset: str, p: dict, data_dir: str | None = None
-              ) -> tuple[ImageData, ImageData]:
-    """The (train, test) data of `dataset`, cut to the preset `p`'s subsets."""
+def load_data(dataset: str, p: dict, data_dir: str | None = None,
+              validation: float | None = None) -> tuple[ImageData, ImageData]:
+    """The (train, test) data of `dataset`, cut to the preset `p`'s subsets. With
+    `validation` = f, the test set is never touched: (training set minus its last fraction f,
+    that last fraction f) — the fixed validation split every hyperparameter is chosen on."""
     tr = load(dataset, "train", data_dir)
-    te = load(dataset, "test", data_dir)
+    if validation:
+        tr, te = split_validation(tr, validation)
+    else:
+        te = load(dataset, "test", data_dir)
     if p["train_subset"]:
         tr = tr.subset(p["train_subset"])
     if p["test_subset"]:
         te = te.subset(p["test_subset"])
     return tr, te
+
+
+def split_validation(data: ImageData, fraction: float) -> tuple[ImageData, ImageData]:
+    """(the first 1 − fraction of `data`, its last `fraction`, not augmented)."""
+    n = len(data) - round(fraction * len(data))
+    if not 0 < n < len(data):
+        raise UsageError(f"a validation fraction of {fraction} leaves no training or no "
+                         f"validation examples of {len(data)}")
+    return (ImageData(data.name, data.x[:n], data.y[:n], data.mean, data.std, data.augment),
+            ImageData(data.name, data.x[n:], data.y[n:], data.mean, data.std, False))
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import schedules as S
 from ..ci import mean_ci
 from ..config import option
 from ..data import load
@@ -30,8 +31,11 @@ class DemoConfig:
     seeds: int = option(5, "number of seeds")
     sparsities: tuple[float, ...] = option((0.0, 0.9, 0.95, 0.98), "pruning levels", cli=False)
     epochs: int = option(60, "training epochs")
-    # PILoT: geometric α0·p^epoch, so A_∞ is finite (turned off in time)
-    alpha0: float = option(3e-3, "PILoT's alpha at epoch 0, decaying as 0.95^epoch")
+    strength: float = option(S.DEFAULT_STRENGTH, "PILoT's strength A (the default "
+                             "schedule: A spread over flow time)")
+    # the paper's α schedule instead: geometric α0·p^epoch (coupled)
+    alpha0: float | None = option(None, "PILoT's α at epoch 0, decaying as 0.95^epoch (the "
+                                  "paper's schedule) instead of --strength")
     p: float = option(0.95, "PILoT's geometric factor per epoch", cli=False)
     beta: float = option(1.0, "PILoT's β", cli=False)
     train: TrainConfig = option(TrainConfig(batch_size=64), "the rest of the training setup",
@@ -51,7 +55,9 @@ def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
     for seed, name in tqdm(jobs, desc="demo", disable=not progress):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Flatten(), *mlp(cfg.sizes))
-        method = (PilotMethod(alpha=cfg.alpha0, p=cfg.p, beta=cfg.beta) if name == "pilot"
+        pilot_hp = ({"strength": cfg.strength} if cfg.alpha0 is None else
+                    {"schedule": "geometric", "alpha": cfg.alpha0, "p": cfg.p})
+        method = (PilotMethod(beta=cfg.beta, **pilot_hp) if name == "pilot"
                   else Method())
         train(model, method, tr, None,
               TrainConfig(**{**asdict(cfg.train), "seed": seed, "epochs": cfg.epochs}),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .. import schedules as S
 from ..callbacks import Callback, FixedMasks, Rewind, StartFrom
 from ..ci import mean_ci
 from ..config import option
@@ -53,7 +54,9 @@ class IterativeConfig(DataConfig):
                                "initialization)")
     epochs: int = option(8, "epochs per cycle")
     seeds: int = option(1, "seeds (0, 1, ...)")
-    alpha: float = option(1e-4, "PILoT's α (paper: 1e-4), geometric decay to 1% in each cycle")
+    strength: float = option(S.DEFAULT_STRENGTH, "PILoT's strength A in each cycle")
+    alpha: float | None = option(None, "PILoT's α (the paper's 1e-4) with a geometric decay to "
+                                 "1% in each cycle, instead of --strength")
     beta: float = option(1.0, "PILoT's β (m0² − w0²)")
 
     @property
@@ -75,7 +78,11 @@ class IterativeConfig(DataConfig):
 
 
 def _method(cfg: IterativeConfig) -> Method:
-    return PilotMethod(alpha=cfg.alpha, beta=cfg.beta) if cfg.pilot else Method()
+    if not cfg.pilot:
+        return Method()
+    if cfg.alpha is None:
+        return PilotMethod(strength=cfg.strength, beta=cfg.beta)
+    return PilotMethod(schedule="geometric", alpha=cfg.alpha, beta=cfg.beta)
 
 
 def _seed_config(config: dict) -> dict:

@@ -68,7 +68,8 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     sweep_file = rundir / "sweep.json"
     # the recalibration recipe is part of the key: results of an older recipe are recomputed
     key = {"bn_recalibrate": "train-augmentation" if cfg.bn_recalibrate else False,
-           "test_size": len(te), "epochs": tcfg.epochs, "levels": levels}
+           "test_size": len(te), "epochs": tcfg.epochs, "levels": levels,
+           "hparams": json.loads(json.dumps(method.hp, default=str))}
     if sweep_file.exists():
         cached = json.loads(sweep_file.read_text())
         if cached.get("key") == key:

@@ -112,8 +112,12 @@ class Method:
 
     # ---------------------------------------------------------------- training hooks
 
-    def attach(self, model: nn.Module, steps_per_epoch: int, epochs: int) -> None:
+    def attach(self, model: nn.Module, steps_per_epoch: int, epochs: int,
+               lr: Callable[[int], float] | None = None) -> None:
+        """Take over `model` for a run of `epochs` × `steps_per_epoch` optimizer steps whose
+        learning rate at step k is `lr(k)` (None: constant)."""
         self.model, self.steps_per_epoch, self.epochs = model, steps_per_epoch, epochs
+        self.lr_at = lr
         self.modules = select_modules(model, self.include, self.exclude)
 
     def masked_tensors(self) -> dict[str, list[torch.Tensor]]:

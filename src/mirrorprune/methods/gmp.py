@@ -33,8 +33,8 @@ class GMP(Method):
                 raise UsageError(f"gmp needs start < end (fractions of training), got start "
                                  f"{self.start} and end {self.end}")
 
-    def attach(self, model, steps_per_epoch, epochs):
-        super().attach(model, steps_per_epoch, epochs)
+    def attach(self, model, steps_per_epoch, epochs, lr=None):
+        super().attach(model, steps_per_epoch, epochs, lr)
         self.total = steps_per_epoch * epochs
         self.ramp_masks: dict[str, torch.Tensor] | None = None  # the ramp's current masks
 

@@ -39,8 +39,8 @@ class MirrorMethod(Method):
     def schedule(self) -> S.Schedule:
         return S.Constant(0.0)
 
-    def attach(self, model, steps_per_epoch, epochs):
-        super().attach(model, steps_per_epoch, epochs)
+    def attach(self, model, steps_per_epoch, epochs, lr=None):
+        super().attach(model, steps_per_epoch, epochs, lr)
         self.pilot = PILoT(model, self.schedule(), beta=self.beta(), include=self.include,
                            exclude=self.exclude)
 
@@ -82,9 +82,14 @@ class DecayedMirror(MirrorMethod):
     def param_groups(self, weight_decay):
         return self.pilot.param_groups(weight_decay)
 
+    def coupled(self) -> bool:
+        """Whether α is added to the gradients (an α schedule) rather than applied as a
+        decoupled decay of a strength schedule (which no learning rate can make too large)."""
+        return True
+
     def check_lr(self, lr):
         alpha = self.hp["alpha"]
-        if 2 * alpha * lr >= 1:
+        if self.coupled() and 2 * alpha * lr >= 1:
             raise UsageError(f"{self.name}.alpha {alpha:g} is too large for the learning rate "
                              f"{lr:g}: each step would multiply m and w by 1 − 2·alpha·lr = "
                              f"{1 - 2 * alpha * lr:g} <= 0; PILoT's alpha is typically "
@@ -127,25 +132,32 @@ class Spred(DecayedMirror):
 
 @register_method("pilot")
 class PilotMethod(DecayedMirror):
-    """PILoT: α_t(‖m‖² + ‖w‖²) on x = m ⊙ w with m0² − w0² = beta.
+    """PILoT: a time-dependent decay α_t(‖m‖² + ‖w‖²) on x = m ⊙ w with m0² − w0² = beta.
 
-    schedule (k counted in epochs; `mirrorprune.schedules.from_name`): "geometric" α·p^epoch
-    with p = decay_to^(1/epochs) unless p is given (paper: p = 0.95), "constant", "harmonic",
-    "quadratic", "half" (constant for the first half of training, then off), or "target":
-    `schedules.TargetController` started at α and aimed at `target` sparsity (its delta,
-    acc_tol and mass_tol are hyperparameters here too). m and w get no ordinary weight decay.
+    schedule (`mirrorprune.schedules.from_name`): "strength" (default), the integrated strength
+    A rising to `strength` along `shape` in flow time, applied as a decoupled decay, so the
+    realized A is `strength` on any budget; "target", `schedules.TargetController` aimed at
+    `target` sparsity, from a rate of `strength` per unit of flow time (its delta, acc_tol and
+    mass_tol are hyperparameters here too); or the paper's α schedules, coupled, k in epochs:
+    "geometric" α·p^epoch with p = decay_to^(1/epochs) unless p is given (paper: p = 0.95),
+    "constant", "harmonic", "quadratic", "half" (constant for the first half, then off).
+    m and w get no ordinary weight decay.
     """
 
-    # `aim`: the target controller from this α (per step, at REFERENCE_EPOCH_LR); the
-    # controller's delta and mass_tol were chosen on a validation split, this α was not tuned.
-    AIM_ALPHA_INIT = 3e-4
+    # `aim`: the target controller's starting rate; the controller's delta and mass_tol were
+    # chosen on a validation split (benchmarks/calibrate_targets.py)
+    AIM_RATE = 1.0
 
     @dataclasses.dataclass(frozen=True)
     class Config:
-        alpha: float = hparam(1e-3, "α per step in the first epoch (target: the starting α)",
-                              low=0)
-        schedule: str = hparam("geometric", "how α changes from epoch to epoch",
+        strength: float = hparam(S.DEFAULT_STRENGTH, "strength: the total A reached (c∞ = "
+                                 "β/2·e^(−4A)); target: the starting rate of A per unit of "
+                                 "flow time", low=0)
+        schedule: str = hparam("strength", "how the strength is spread over training",
                                choices=tuple(S.SCHEDULES))
+        shape: str = hparam("geometric", "strength: how A rises in flow time",
+                            choices=S.SHAPES)
+        alpha: float = hparam(1e-3, "α schedules: α per step in the first epoch", low=0)
         p: float | None = hparam(None, "geometric: α·p^epoch (None: decay_to^(1/epochs))",
                                  low=0, high=1, low_open=True, high_open=True)
         decay_to: float = hparam(0.01, "geometric with p None: α of the last epoch / α", low=0,
@@ -153,10 +165,11 @@ class PilotMethod(DecayedMirror):
         beta: float = hparam(1.0, "m0² − w0² at initialization (0: spred's)", low=0)
         target: float | None = hparam(None, "target: the sparsity the controller aims at", low=0,
                                       high=1, low_open=True, high_open=True)
-        delta: float = hparam(1.5, "target: factor by which α rises or falls per epoch", low=1,
-                              low_open=True)
-        acc_tol: float = hparam(0.01, "target: training-accuracy drop that holds α", low=0)
-        mass_tol: float = hparam(0.4, "target: stop raising α once pruning to the target "
+        delta: float = hparam(1.5, "target: factor by which the rate rises or falls per epoch",
+                              low=1, low_open=True)
+        acc_tol: float = hparam(0.01, "target: training-accuracy drop that holds the rate",
+                                low=0)
+        mass_tol: float = hparam(0.4, "target: stop raising the rate once pruning to the target "
                                  "would remove this fraction of ‖x‖₁", low=0, high=1,
                                  low_open=True)
 
@@ -164,17 +177,30 @@ class PilotMethod(DecayedMirror):
             if self.schedule == "target" and self.target is None:
                 raise UsageError("pilot.schedule=target needs pilot.target (a sparsity in "
                                  "(0, 1), e.g. 0.9)")
+            defaults = type(self)()
+            if self.schedule in ("strength", "target"):
+                moved = [k for k in ("alpha", "p", "decay_to")
+                         if getattr(self, k) != getattr(defaults, k)]
+                if moved:
+                    raise UsageError(
+                        f"pilot.{moved[0]} applies to the α schedules (pilot.schedule="
+                        f"geometric, constant, ...); with schedule={self.schedule} set "
+                        "pilot.strength instead")
+
+    def coupled(self) -> bool:
+        return self.hp["schedule"] not in ("strength", "target")
 
     def schedule(self) -> S.Schedule:
         hp = self.hp
-        return S.from_name(hp["schedule"], hp["alpha"], self.epochs, self.steps_per_epoch,
-                           p=hp["p"], decay_to=hp["decay_to"], target=hp["target"],
-                           delta=hp["delta"], acc_tol=hp["acc_tol"], mass_tol=hp["mass_tol"])
+        value = hp["alpha"] if self.coupled() else hp["strength"]
+        return S.from_name(hp["schedule"], value, self.epochs, self.steps_per_epoch,
+                           lr=self.lr_at, shape=hp["shape"], p=hp["p"],
+                           decay_to=hp["decay_to"], target=hp["target"], delta=hp["delta"],
+                           acc_tol=hp["acc_tol"], mass_tol=hp["mass_tol"])
 
     @classmethod
     def aim(cls, target, epoch_lr):
-        return {"schedule": "target", "target": target,
-                "alpha": cls.AIM_ALPHA_INIT * REFERENCE_EPOCH_LR / epoch_lr}
+        return {"schedule": "target", "target": target, "strength": cls.AIM_RATE}
 
     def end_epoch(self, epoch, row):
         sched = self.pilot.schedule

@@ -27,8 +27,8 @@ class _Parametrized(Method):
     def final(self, param: nn.Module, original: torch.Tensor) -> torch.Tensor:
         return param(original)
 
-    def attach(self, model, steps_per_epoch, epochs):
-        super().attach(model, steps_per_epoch, epochs)
+    def attach(self, model, steps_per_epoch, epochs, lr=None):
+        super().attach(model, steps_per_epoch, epochs, lr)
         for _, mod in self.modules:
             if not parametrize.is_parametrized(mod, "weight"):  # tied weights: once
                 parametrize.register_parametrization(mod, "weight",

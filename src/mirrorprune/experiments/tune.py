@@ -1,0 +1,142 @@
+"""Choose a method's hyperparameter on a validation split, never on the test set.
+
+`mirrorprune tune --method NAME --grid KEY=v1,v2,...` trains the method once per value (and
+seed) on the training set minus a fixed validation split (its last `val_fraction`), prunes each
+trained model to every level in `levels` (global magnitude, no fine-tuning) and picks the value
+with the best mean validation accuracy over the levels and seeds. It writes `tune.csv` (one row
+per value, seed and level) and `tune.json` (the grid, the mean per value, the choice, and
+"hparams": {method: {key: value, ...}} that `oneshot`/`targets --hp-from tune.json` read).
+Runs live in OUT/KEY=VALUE/runs/METHOD/seedN and resume like oneshot's.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..ci import mean_ci
+from ..config import option
+from ..distributed import is_main
+from ..errors import UsageError
+from ..files import write_json, write_rows
+from ..methods import METHODS
+from ..provenance import provenance
+from .common import DataConfig, load_data, preset
+from .oneshot import OneshotConfig, check_runs, run_one
+
+
+@dataclass
+class TuneConfig(DataConfig):
+    method: str = option("pilot", "the method to tune", choices=tuple(METHODS))
+    grid: str = option("", "KEY=v1,v2,...: the hyperparameter and the values to try",
+                       required=True)
+    seeds: int = option(1, "seeds per value (0, 1, ...)")
+    epochs: int | None = option(None, "override the preset's epochs")
+    levels: tuple[float, ...] = option((0.9, 0.95, 0.98), "sparsities whose mean validation "
+                                       "accuracy is maximized, comma-separated")
+    val_fraction: float = option(0.1, "the last fraction of the training set held out for "
+                                 "validation")
+    exclude: tuple[str, ...] = option((), "module names (globs) kept dense", repeat=True)
+    hparams: dict[str, dict[str, Any]] = option({}, "fixed hyperparameters (--hp)", cli=False)
+
+    def parsed_grid(self) -> tuple[str, list[Any]]:
+        """(KEY, [values]) with each value read as a Python literal (else a string)."""
+        key, sep, values = self.grid.partition("=")
+        if not sep or not key or not values:
+            raise UsageError(f"--grid expects KEY=v1,v2,... (e.g. strength=0.5,1,2), got "
+                             f"{self.grid!r}")
+
+        def literal(v: str) -> Any:
+            try:
+                return ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                return v
+        return key, [literal(v.strip()) for v in values.split(",") if v.strip()]
+
+    def one(self, value: Any) -> OneshotConfig:
+        """The oneshot configuration that trains one grid value."""
+        key, _ = self.parsed_grid()
+        hp = {**self.hparams.get(self.method, {}), key: value}
+        return OneshotConfig(dataset=self.dataset, model=self.model, preset=self.preset,
+                             data_dir=self.data_dir, methods=(self.method,), seeds=self.seeds,
+                             hparams={self.method: hp}, epochs=self.epochs,
+                             exclude=self.exclude)
+
+    def validate(self) -> None:
+        key, values = self.parsed_grid()
+        if not values or len(set(map(repr, values))) < len(values):
+            raise UsageError(f"--grid needs distinct values, got {values}")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.levels or not all(0 <= s < 1 for s in self.levels):
+            raise UsageError(f"--levels must lie in [0, 1), got {self.levels}")
+        bad = [m for m in self.hparams if m != self.method]
+        if bad:
+            raise UsageError(f"--hp given for {bad}, but the method tuned is {self.method}")
+        for v in values:
+            self.one(v).validate()
+
+
+def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train every grid value (and seed) on the training split, evaluate on the validation
+    split, choose the best mean; returns {"table", "rows", "best", "files", "seconds"}."""
+    cfg.validate()
+    t0 = time.time()
+    out = Path(out)
+    key, values = cfg.parsed_grid()
+    for v in values:  # everything checkable before loading data or writing a file
+        check_runs(cfg.one(v), out / f"{key}={v}", resume)
+    p = preset(cfg.preset, cfg.dataset, cfg.model)
+    tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
+    rows = []
+    for v in values:
+        for seed in range(cfg.seeds):
+            sweep = run_one(cfg.one(v), cfg.method, seed, tr, val, out / f"{key}={v}",
+                            progress, resume, sparsities=cfg.levels)
+            rows += [{"method": cfg.method, key: v, "seed": seed, "sparsity": r["sparsity"],
+                      "actual_sparsity": r["actual_sparsity"], "val_accuracy": r["accuracy"],
+                      "val_unpruned": r["unpruned_accuracy"]} for r in sweep]
+    scores = {repr(v): mean_ci([r["val_accuracy"] for r in rows if r[key] == v])[0]
+              for v in values}
+    best = max(values, key=lambda v: scores[repr(v)])  # ties: the first in the grid
+    table = "\n".join(f"{key}={v}: mean validation accuracy {100 * scores[repr(v)]:.2f}%"
+                      + (" <- best" if v == best else "") for v in values)
+    if is_main():
+        write_rows(out / "tune.csv", rows)
+        write_json(out / "tune.json", {
+            "tune": asdict(cfg), "method": cfg.method, "key": key, "grid": values,
+            "levels": list(cfg.levels), "mean_val_accuracy": scores, "best": best,
+            "hparams": {cfg.method: {**cfg.hparams.get(cfg.method, {}), key: best}},
+            "protocol": f"trained on the first {1 - cfg.val_fraction:.0%} of the training set, "
+                        f"validated on its last {cfg.val_fraction:.0%}; best mean validation "
+                        f"accuracy over sparsities {list(cfg.levels)} and {cfg.seeds} seed(s); "
+                        "the test set is not used",
+            "train_size": len(tr), "val_size": len(val), "provenance": provenance()})
+    return {"table": table, "rows": rows, "best": best, "seconds": time.time() - t0,
+            "files": ["tune.csv", "tune.json", f"{key}=*/runs/"]}
+
+
+def hparams_from(paths: list[str], dataset: str, model: str, methods: tuple[str, ...]
+                 ) -> dict[str, dict[str, Any]]:
+    """The chosen hyperparameters of `tune.json` files (made on the same dataset and model),
+    for the methods in `methods`; later files win."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        try:
+            blob = json.loads(Path(path).read_text())
+            made, chosen = blob["tune"], blob["hparams"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"--hp-from {path}: not a tune.json written by mirrorprune tune"
+                             ) from None
+        if (made.get("dataset"), made.get("model")) != (dataset, model):
+            raise UsageError(f"--hp-from {path} was tuned on {made.get('dataset')} / "
+                             f"{made.get('model')}, not on {dataset} / {model}; tune on the "
+                             "data and model you run")
+        for m, hp in chosen.items():
+            if m in methods:
+                out[m] = {**out.get(m, {}), **hp}
+    return out
