@@ -7,7 +7,7 @@ pruning. For methods whose training does not depend on the target (spred, STR) o
 every target; PILoT's target controller is trained once per target.
 
     python benchmarks/calibrate_targets.py --method pilot \
-        --grid "schedule=target alpha=3e-4 delta=1.2,1.5 mass_tol=0.05,0.2,0.4"
+        --grid "schedule=target strength=0.5,1,2,4 delta=1.5 mass_tol=0.4"
     python benchmarks/calibrate_targets.py --method spred --grid "alpha=1e-4,3e-4,1e-3,3e-3"
     python benchmarks/calibrate_targets.py --method str --grid "s_init=-3,-2,-1,0,1"
 """
@@ -21,19 +21,14 @@ from pathlib import Path
 
 import torch
 
-from mirrorprune.data import ImageData, load
+from mirrorprune.data import load
+from mirrorprune.experiments.common import split_validation
 from mirrorprune.files import write_json, write_rows
 from mirrorprune.methods import create_method
 from mirrorprune.models import create_model
 from mirrorprune.provenance import provenance
 from mirrorprune.prune import prune, pruned_mass, sparsity_report
 from mirrorprune.train import TrainConfig, evaluate, train
-
-
-def split(data: ImageData, n_train: int) -> tuple[ImageData, ImageData]:
-    def part(sl: slice) -> ImageData:
-        return ImageData(data.name, data.x[sl], data.y[sl], data.mean, data.std, data.augment)
-    return part(slice(0, n_train)), part(slice(n_train, None))
 
 
 def parse_grid(text: str) -> list[dict]:
@@ -57,7 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/calibrate_targets")
     a = ap.parse_args()
     targets = [float(t) for t in a.targets.split(",")]
-    tr, val = split(load("mnist", "train"), 50_000)
+    tr, val = split_validation(load("mnist", "train"), 1 / 6)  # the last 10k images
     cfg = TrainConfig(epochs=15, batch_size=128, lr=0.1, seed=a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
