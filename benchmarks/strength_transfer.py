@@ -120,12 +120,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/strength_transfer")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tune-only", action="store_true",
+                    help="stop after choosing (steps 1 and 2; e.g. on a machine with a GPU)")
     a = ap.parse_args()
     out = Path(a.out)
     chosen = choose(out, a.workers)
     print(chosen["table"], "\nchosen:", chosen["shape"], chosen["strength"], flush=True)
     best_alpha = alphas(out, a.workers)
     print("alpha:", best_alpha, flush=True)
+    write_json(out / "choice.json", {"chosen": chosen, "alpha": best_alpha,
+                                     "provenance": provenance()})
+    if a.tune_only:
+        return
     data = {ds: load_data(ds, preset("cpu", ds, m)) for ds, m in PAIRS.items()}
     strength_hp = {"strength": chosen["strength"], "shape": chosen["shape"]}
     rows = [run_budget(out, *b, hp, data) for b in BUDGETS
@@ -137,8 +143,6 @@ def main() -> None:
               f"{r['knob']} | {r['realized_A']:.3f} | {r['mass_outside_top5']:.3f} | "
               f"{100 * r['acc_unpruned']:.2f} | {100 * r['acc90']:.2f} | "
               f"{100 * r['acc95']:.2f} | {100 * r['acc98']:.2f} |" for r in rows]
-    write_json(out / "choice.json", {"chosen": chosen, "alpha": best_alpha,
-                                     "provenance": provenance()})
     write_text(out / "README.md",
                "# Strength transfer\n\n`python benchmarks/strength_transfer.py` "
                f"(seed 0; {os.cpu_count()} cores; tuning runs on one thread each, "

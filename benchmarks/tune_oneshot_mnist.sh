@@ -9,28 +9,35 @@
 # the other methods' knobs on ×2 grids (spred α, L1-on-m λ) or their natural ranges (CS and STR
 # s_init, Powerprop's exponent, GMP's target). Each `tune` trains one seed per value with the
 # `cpu` preset (15 epochs, batch 128) and picks the best mean validation accuracy at 90/95/98%.
-# Two tuning runs at a time, one thread each.
+# PILoT uses the default shape (benchmarks/results/strength_transfer/choice.json).
+# JOBS processes at a time (default 2), one thread each; MIRRORPRUNE is the command to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/oneshot-mnist}
 MP=${MIRRORPRUNE:-.venv/bin/mirrorprune}
+JOBS=${JOBS:-2}
+export OMP_NUM_THREADS=1
+METHODS="dense l1 l1_m spred pilot cs powerprop str gmp"
 sqrt2() { python3 -c "print(','.join(f'{$1 * 2 ** (k / 2):.4g}' for k in range($2)))"; }
 times2() { python3 -c "print(','.join(f'{$1 * 2 ** k:.4g}' for k in range($2)))"; }
-SHAPE=$(python3 -c "import json; print(json.load(open('benchmarks/results/strength_transfer/choice.json'))['chosen']['shape'])" 2>/dev/null || echo geometric)
-cat > "${TMPDIR:-/tmp}/tune-grids.txt" <<GRIDS
-pilot strength=$(sqrt2 0.25 11) --hp pilot.shape=$SHAPE
+SHAPE=$(python3 -c "import json; print(json.load(open('benchmarks/results/strength_transfer/choice.json'))['chosen']['shape'])")
+GRIDS="pilot strength=$(sqrt2 0.25 11) --hp=pilot.shape=$SHAPE
 l1 lam=$(sqrt2 1.25e-5 11)
 l1_m lam=$(times2 1e-5 8)
 spred alpha=$(times2 1.5625e-5 8)
 cs s_init=0,-0.02,-0.05,-0.1,-0.2
 powerprop a=1.5,2,3,4
 str s_init=-4,-3,-2.5,-2,-1.75,-1.5
-gmp target=0.8,0.9,0.95,0.98
-GRIDS
-while read -r method grid extra; do
-  echo "$method $grid $extra"
-done < "${TMPDIR:-/tmp}/tune-grids.txt" | OMP_NUM_THREADS=1 xargs -P 2 -L 1 sh -c \
-  "$MP tune --dataset mnist --model lenet_300_100 --preset cpu --method \$0 --grid \$1 \$2 \$3 --resume --quiet --out $OUT/tune/\$0 > /dev/null && echo tuned \$0"
-$MP oneshot --dataset mnist --model lenet_300_100 --preset cpu --seeds 3 --resume --quiet \
-  --methods dense,l1,l1_m,spred,pilot,cs,powerprop,str,gmp \
-  $(for f in "$OUT"/tune/*/tune.json; do echo --hp-from "$f"; done) --out "$OUT"
+gmp target=0.8,0.9,0.95,0.98"
+COMMON="--dataset mnist --model lenet_300_100 --preset cpu --resume --quiet"
+echo "$GRIDS" | xargs -P "$JOBS" -L 1 sh -c \
+  "$MP tune $COMMON --method \$0 --grid \$1 \$2 --out $OUT/tune/\$0 > /dev/null && echo tuned \$0"
+HPFROM=$(for f in "$OUT"/tune/*/tune.json; do printf -- '--hp-from %s ' "$f"; done)
+# the table: each method's seeds in a process of its own, then one invocation with every method
+# reuses those finished runs and writes oneshot.csv/.md/.png
+for m in $METHODS; do echo "$m"; done | xargs -P "$JOBS" -I{} sh -c \
+  "$MP oneshot $COMMON --seeds 3 --methods {} $HPFROM --out $OUT/by-method/{} > /dev/null \
+   && rm -rf $OUT/runs/{} && mkdir -p $OUT/runs && cp -r $OUT/by-method/{}/runs/{} $OUT/runs/ \
+   && echo trained {}"
+$MP oneshot $COMMON --seeds 3 --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM --out "$OUT"
+rm -rf "$OUT/by-method"
