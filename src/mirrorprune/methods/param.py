@@ -32,7 +32,8 @@ class _Parametrized(Method):
         for _, mod in self.modules:
             if not parametrize.is_parametrized(mod, "weight"):  # tied weights: once
                 parametrize.register_parametrization(mod, "weight",
-                                                     self.make_param(mod.weight.detach()))
+                                                     self.make_param(mod.weight.detach())
+                                                     .to(mod.weight.device))
 
     def masked_tensors(self):
         raise UsageError(f"method {self.name!r} computes its weight from other tensors, which a "
