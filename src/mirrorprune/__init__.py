@@ -1,6 +1,6 @@
 """mirrorprune: PILoT implicit sparsification (Jacobs & Burkholz, ICLR 2025) for PyTorch."""
 
-from . import schedules, theory
+from . import optim, schedules, theory
 from .pilot import PILoT
 from .prune import (
     SparsityReport,
@@ -26,6 +26,7 @@ __all__ = [
     "load_sparse",
     "magnitude_masks",
     "mirror_init",
+    "optim",
     "prune",
     "save_sparse",
     "schedules",

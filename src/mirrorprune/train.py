@@ -194,7 +194,9 @@ def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: 
                   lambda k: cfg.lr_at(k, run.total_steps, run.steps_per_epoch) * lr_scale)
     for cb in callbacks:
         cb.on_train_start(run)
-    run.optimizer = OPTIMIZERS[cfg.optimizer](method.param_groups(cfg.weight_decay), cfg)
+    groups = method.param_groups(cfg.weight_decay)
+    run.optimizer = (method.make_optimizer(groups, cfg.lr, cfg.momentum)
+                     or OPTIMIZERS[cfg.optimizer](groups, cfg))
     if out:
         out.mkdir(parents=True, exist_ok=True)
         if ck is not None:
@@ -223,7 +225,8 @@ def train_epoch(run: Run, data: ImageData, epoch: int, progress: bool) -> dict:
                desc=f"{run.method.name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                mininterval=1)
     for x, y in bar:
-        lr = cfg.lr_at(run.step, run.total_steps, run.steps_per_epoch) * run.lr_scale
+        lr = (cfg.lr_at(run.step, run.total_steps, run.steps_per_epoch) * run.lr_scale
+              * run.method.lr_factor)
         loss, right, n = train_step(run, x, y, lr, epoch)
         loss_sum += loss * n
         correct += right

@@ -12,7 +12,9 @@ Choices where the paper is ambiguous, made once here:
   η = 0.005 gives the same errors (README, results/diag).
 - L1 on x and L1 on m are discretized with a proximal (soft-thresholding) step, the standard
   gradient-descent discretization of an L1 flow; plain subgradient steps chatter around zero.
-- PILoT and its β = 0 variant (spred's initialization) follow the exact PILoT SGD update.
+- PILoT and its β = 0 variant (spred's initialization) follow the exact PILoT SGD update;
+  "pilot_opt" is PILoT as an optimizer on x (`mirrorprune.optim`, the same flow taken as
+  mirror descent with c_{k+1} = c_k·e^{−4ηα_k}), from the same x0.
 
 All runs (methods × schedules × initializations × SGD seeds) are simulated together as one batch
 of tensors; there is no Python loop over runs.
@@ -33,12 +35,14 @@ from .. import theory
 from ..config import option
 from ..errors import UsageError
 from ..files import save_figure, write_json, write_rows
+from ..optim import mirror_step
 from ..provenance import provenance
 
-#: method name -> (kind, beta): kind "pilot" = α(‖m‖² + ‖w‖²) on m ⊙ w; "l1_m" = λ‖m‖₁ on m ⊙ w;
-#: "l1_x" = λ‖x‖₁ on x itself.
+#: method name -> (kind, beta): kind "pilot" = α(‖m‖² + ‖w‖²) on m ⊙ w; "opt" = the same flow as
+#: an optimizer on x; "l1_m" = λ‖m‖₁ on m ⊙ w; "l1_x" = λ‖x‖₁ on x itself.
 METHODS: dict[str, tuple[str, float]] = {
     "pilot": ("pilot", 1.0),
+    "pilot_opt": ("opt", 1.0),
     "pilot_beta0": ("pilot", 0.0),
     "l1_m": ("l1_m", 1.0),
     "l1_x": ("l1_x", 0.0),
@@ -65,11 +69,12 @@ class DiagConfig:
     # best schedule lies inside the grid, with the decaying schedules' A_∞ reaching the rich
     # regime; see README for why.
     constants: dict[str, list[float]] = option({
-        "pilot": [1e-4, 1e-3, 1e-2, 1e-1], "pilot_beta0": [1e-3, 1e-2, 1e-1, 1.0],
+        "pilot": [1e-4, 1e-3, 1e-2, 1e-1], "pilot_opt": [1e-4, 1e-3, 1e-2, 1e-1],
+        "pilot_beta0": [1e-3, 1e-2, 1e-1, 1.0],
         "l1_m": [1e-4, 1e-3, 1e-2, 1e-1], "l1_x": [1e-4, 1e-3, 1e-2, 1e-1]},
         "the constant strengths of each method", cli=False)
-    alpha0: dict[str, float] = option({"pilot": 1.0, "pilot_beta0": 1.0, "l1_m": 0.1,
-                                       "l1_x": 0.1},
+    alpha0: dict[str, float] = option({"pilot": 1.0, "pilot_opt": 1.0, "pilot_beta0": 1.0,
+                                       "l1_m": 0.1, "l1_x": 0.1},
                                       "α0 of each method's decaying schedules", cli=False)
 
     def validate(self) -> None:
@@ -121,19 +126,21 @@ def simulate(cfg: DiagConfig, problem: dict[str, torch.Tensor], progress: bool =
     beta = torch.tensor([METHODS[r[0]][1] for r in runs], dtype=torch.float64)[:, None]
     col = lambda flags: torch.tensor(flags, dtype=torch.float64)[:, None]  # noqa: E731
     is_pilot = col([k == "pilot" for k in kind])
-    is_l1 = 1 - is_pilot
-    w_moves = col([k != "l1_x" for k in kind])
+    is_opt = col([k == "opt" for k in kind])
+    is_l1 = 1 - is_pilot - is_opt
+    w_moves = col([k in ("pilot", "l1_m") for k in kind])
     # α per run and per unit of flow time: k = floor(t)
     units = math.floor(cfg.steps * cfg.lr) + 1
     tables = {(r[0], r[1]): [r[2](k) for k in range(units)] for r in runs}
     table = torch.tensor([tables[r[0], r[1]] for r in runs], dtype=torch.float64)
 
     xi = x0[[r[3] for r in runs]]
-    m, w = _init(xi, beta, is_l1_x=1 - w_moves)
+    m, w = _init(xi, beta, is_l1_x=1 - w_moves)  # x itself (in m, w = 1) for l1_x and opt
     rec = _record_steps(cfg.steps, cfg.records)
     traj = torch.empty(R, len(rec), dtype=torch.float64)
     A = torch.zeros(R, dtype=torch.float64)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt_rows = [j for j, k in enumerate(kind) if k == "opt"]
     ri, eta, prox = 0, cfg.lr, cfg.l1_step == "prox"
     for step in tqdm(range(cfg.steps + 1), desc="diag", disable=not progress, mininterval=1):
         x = m * w
@@ -149,9 +156,14 @@ def simulate(cfg: DiagConfig, problem: dict[str, torch.Tensor], progress: bool =
         m_new = m - eta * (g * w + decay * m)
         w = w - eta * (g * m + decay * w) * w_moves
         if prox:  # soft-threshold m by ηλ
-            m = torch.sign(m_new) * (m_new.abs() - eta * lam).clamp_min(0)
+            m_new = torch.sign(m_new) * (m_new.abs() - eta * lam).clamp_min(0)
         else:  # subgradient λ·sign(m), sign(0) = 0
-            m = m_new - eta * lam * torch.sign(m)
+            m_new = m_new - eta * lam * torch.sign(m)
+        if opt_rows:  # the optimizer form: mirror descent on x with c = β/2·e^{−4A}
+            logc = math.log(0.5) - 4 * A[opt_rows][:, None]
+            m_new[opt_rows] = mirror_step(m[opt_rows], 2 * eta * g[opt_rows], logc,
+                                          logc - 4 * eta * a[opt_rows])
+        m = m_new
         A += eta * a[:, 0]
     return {"runs": runs, "record_steps": rec, "traj": traj, "x": m * w, "A": A,
             "residual": (m * w @ Z.T - Y).norm(dim=1)}
@@ -195,12 +207,14 @@ def summarize(cfg: DiagConfig, problem: dict, sim: dict) -> dict:
     bp = theory.basis_pursuit(problem["Z"], problem["Y"])
     kkt = {name: _kkt_gaps(problem, sim, name)
            for name in ("harmonic", "quadratic", "geometric", best["pilot"])}
+    kkt_opt = _kkt_gaps(problem, sim, best["pilot_opt"], method="pilot_opt")
     return {
         "x_star_norm": xs_norm,
         "methods": {m: {"best_schedule": best[m], "final_error": table[m][best[m]]["final_error"],
                         "relative_error": table[m][best[m]]["relative_error"]} for m in METHODS},
         "basis_pursuit_error": float((bp - problem["x_star"]).norm()),
         "kkt_gap": max(kkt[best["pilot"]]),
+        "kkt_gap_pilot_opt": max(kkt_opt),
         # the same for each decaying PILoT schedule (max over inits), with the distance between
         # the theory's limit and x*, to show the gap is not just both being close to x*
         "kkt_gap_by_schedule": {name: max(g) for name, g in kkt.items()},
@@ -209,21 +223,22 @@ def summarize(cfg: DiagConfig, problem: dict, sim: dict) -> dict:
     }
 
 
-def _theory_limits(problem: dict, sim: dict, schedule: str):
-    """(run index, argmin_{Zx=Y} R_{c_∞}(x)) for each PILoT run of `schedule`, with
-    c_∞ = β/2·exp(−4A) from that run's own A and z0 from its own initialization."""
-    beta = METHODS["pilot"][1]
+def _theory_limits(problem: dict, sim: dict, schedule: str, method: str = "pilot"):
+    """(run index, argmin_{Zx=Y} R_{c_∞}(x)) for each run of `method` (pilot or pilot_opt) with
+    `schedule`, with c_∞ = β/2·exp(−4A) from that run's own A and z0 from its own
+    initialization."""
+    beta = METHODS[method][1]
     for j, r in enumerate(sim["runs"]):
-        if r[0] == "pilot" and r[1] == schedule:
+        if r[0] == method and r[1] == schedule:
             z0 = theory.z0_from_x0(problem["x0"][r[3]], beta)
             yield j, theory.mirror_interpolator(problem["Z"], problem["Y"], z0,
                                                 theory.log_c(beta, float(sim["A"][j])))
 
 
-def _kkt_gaps(problem: dict, sim: dict, schedule: str) -> list[float]:
+def _kkt_gaps(problem: dict, sim: dict, schedule: str, method: str = "pilot") -> list[float]:
     """‖x_T − argmin R_{c_∞}‖ / ‖argmin R_{c_∞}‖ per run (Theorem 3.3's limit)."""
     return [float((sim["x"][j] - target).norm() / target.norm())
-            for j, target in _theory_limits(problem, sim, schedule)]
+            for j, target in _theory_limits(problem, sim, schedule, method)]
 
 
 def _limit_errors(problem: dict, sim: dict, schedules: list[str]) -> dict[str, float]:
@@ -239,8 +254,8 @@ def write_csv(path: Path, cfg: DiagConfig, sim: dict) -> None:
     write_rows(path, rows)
 
 
-LABELS = {"pilot": "PILoT (β=1)", "pilot_beta0": "PILoT, spred init (β=0)", "l1_m": "L1 on m",
-          "l1_x": "L1 on x"}
+LABELS = {"pilot": "PILoT (β=1)", "pilot_opt": "PILoT as an optimizer on x (β=1)",
+          "pilot_beta0": "PILoT, spred init (β=0)", "l1_m": "L1 on m", "l1_x": "L1 on x"}
 
 
 def _mean_traj(cfg, sim, meth, name):
@@ -289,7 +304,7 @@ def plot_all(out: Path, cfg: DiagConfig, problem: dict, sim: dict, summary: dict
     written.append(_save(fig, out / ("fig5.png" if cfg.sgd_batch else "fig1b.png")))
 
     # fig4: all schedules of every method
-    fig, axs = plt.subplots(2, 2, figsize=(11, 8), sharex=True, sharey=True)
+    fig, axs = plt.subplots(2, 3, figsize=(15, 8), sharex=True, sharey=True)
     for ax, meth in zip(axs.flat, METHODS):
         for i, name in enumerate(schedule_grid(cfg, meth)):
             t, mean, _, _ = _mean_traj(cfg, sim, meth, name)
@@ -350,5 +365,6 @@ def headline(result: dict) -> dict:
         "methods": result["methods"],
         "basis_pursuit_error": result["basis_pursuit_error"],
         "kkt_gap": result["kkt_gap"],
+        "kkt_gap_pilot_opt": result["kkt_gap_pilot_opt"],
         "seconds": round(result["seconds"], 1),
     }

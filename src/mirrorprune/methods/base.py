@@ -89,6 +89,7 @@ class Method:
 
     name = "dense"
     uses_mw = False  # trains a product m ⊙ w (the paper gives those a doubled learning rate)
+    lr_factor = 1.0  # multiplies the training loop's learning rate (an optimizer of its own)
     Config: type = NoHParams  # the method's hyperparameters, a dataclass of `hparam` fields
     defaults: dict[str, Any] = {}  # Config's defaults as a dict (set for each subclass)
 
@@ -127,6 +128,12 @@ class Method:
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "weight_decay": weight_decay}]
+
+    def make_optimizer(self, groups: list[dict[str, Any]], lr: float, momentum: float
+                       ) -> torch.optim.Optimizer | None:
+        """The method's own optimizer for these groups, or None for the training loop's
+        (`TrainConfig.optimizer`)."""
+        return None
 
     def check_lr(self, lr: float) -> None:
         """Refuse, before training, hyperparameters that cannot work with this largest

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import optim
 from .. import schedules as S
 from ..errors import UsageError
 from ..pilot import PILoT
@@ -206,3 +207,56 @@ class PilotMethod(DecayedMirror):
         sched = self.pilot.schedule
         if isinstance(sched, S.TargetController):
             sched.observe(epoch, row["train_acc"], pruned_mass(self.weights(), sched.target))
+
+
+@register_method("pilot_opt")
+class PilotOptimizer(Method):
+    """PILoT as an optimizer (`mirrorprune.optim.PILoTSGD`): the same mirror flow taken on x
+    directly, no reparametrization and no memory beyond SGD's; SGD's momentum acts in the dual
+    space (on z = arcsinh(x/c)) here, on (m, w) in `pilot`. Trained with the m ⊙ w methods'
+    learning rate (the flow's step on x is the same)."""
+
+    uses_mw = True
+    OPTIMIZER = "sgd"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        strength: float = hparam(S.DEFAULT_STRENGTH, "the total A reached (c∞ = β/2·e^(−4A))",
+                                 low=0)
+        shape: str = hparam("geometric", "how A rises in flow time", choices=S.SHAPES)
+        beta: float = hparam(1.0, "m0² − w0² of the flow (c0 = β/2)", low=0, low_open=True)
+
+    def param_groups(self, weight_decay):
+        return optim.param_groups(self.model, self.include, self.exclude, weight_decay)
+
+    def make_optimizer(self, groups, lr, momentum):
+        strength = S.Strength(self.hp["strength"], horizon=self.steps_per_epoch * self.epochs,
+                              shape=self.hp["shape"], lr=self.lr_at)
+        if self.OPTIMIZER == "adamw":
+            self.optimizer = optim.PILoTAdamW(groups, lr=lr, betas=(momentum, 0.999),
+                                        beta=self.hp["beta"], strength=strength)
+        else:
+            self.optimizer = optim.PILoTSGD(groups, lr=lr, momentum=momentum, beta=self.hp["beta"],
+                                      strength=strength)
+        return self.optimizer
+
+    def stats(self):
+        st = self.optimizer.stats()
+        return {**super().stats(), "A": st["A"], "log_c": st["log_c"]}
+
+
+@register_method("pilot_adamw")
+class PilotAdamW(PilotOptimizer):
+    """Experimental: PILoT as an optimizer with AdamW's normalized direction in the dual space
+    (`mirrorprune.optim.PILoTAdamW`), at `lr_factor` times the training loop's learning rate."""
+
+    OPTIMIZER = "adamw"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(PilotOptimizer.Config):
+        lr_factor: float = hparam(0.1, "AdamW's learning rate as a fraction of the training "
+                                  "loop's (SGD's) one", low=0, low_open=True)
+
+    @property
+    def lr_factor(self) -> float:
+        return self.hp["lr_factor"]

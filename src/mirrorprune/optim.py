@@ -1,0 +1,283 @@
+"""PILoT as an optimizer: the same mirror flow taken directly on x (SPEC §2.5c), with no
+reparametrization and no memory beyond the base optimizer's.
+
+Under PILoT's flow x_t = c_t·sinh(z_t) with c_t = β/2·e^{−4A_t} and dz/dt = −2∇f(x_t); since
+sinh is invertible, z is recomputed from x at every step:
+
+    z_k = arcsinh(x_k / c_k),   z_{k+1} = z_k − 2 η_k d_k,   x_{k+1} = c_{k+1}·sinh(z_{k+1}),
+
+with c_{k+1} = c_k·e^{−4ΔA_k} and d_k the gradient or the base optimizer's direction (SGD's
+momentum buffer; AdamW's normalized moment). This is mirror descent with the time-dependent
+potential R_{c_t}. With b = 2η_k d_k and h = sqrt(x² + c²) the step is, exactly,
+
+    x_{k+1} = (c_{k+1}/c_k) · ½ [(x − h)·e^{b} + (x + h)·e^{−b}],
+
+where x − h = −c²/(h + x) for x ≥ 0 and x + h = c²/(h − x) for x < 0 (no cancellation). It never
+forms x/c or sinh(z): c may underflow to 0 (A in the thousands), and then the step is the exact
+multiplicative one x·e^{∓b}; near 0 it is additive with rate 2η·c. Parameters are updated in
+their own dtype, computed in float32 at least.
+
+Use `param_groups(model, ...)` to flag the prunable weights (`mirror=True`, the same selection as
+`mp.PILoT`); every other parameter gets the base optimizer's plain update with `weight_decay`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError, check_number
+from .prune import unique_weights
+from .reparam import Selector
+from .schedules import Schedule, Strength, as_schedule
+
+
+def param_groups(model: nn.Module, include: Selector = None, exclude: Selector = (),
+                 weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Two parameter groups: the prunable weights that `mp.PILoT` would reparametrize
+    (`mirror=True`, no ordinary weight decay) and every other parameter (`weight_decay`)."""
+    mirror = list(unique_weights(model, include, exclude).values())
+    ids = {id(p) for p in mirror}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": mirror, "mirror": True, "weight_decay": 0.0, "name": "pilot_mirror"}]
+    if rest:
+        groups.append({"params": rest, "mirror": False, "weight_decay": weight_decay,
+                       "name": "other"})
+    return groups
+
+
+@torch.no_grad()
+def mirror_step(x: torch.Tensor, b: torch.Tensor, log_c: float | torch.Tensor,
+                log_c_next: float | torch.Tensor) -> torch.Tensor:
+    """c' · sinh(arcsinh(x/c) − b) for c = e^{log_c}, c' = e^{log_c_next}, exact to rounding
+    without forming x/c or sinh(arcsinh(x/c)) (see the module docstring); a new tensor.
+
+    With h = sqrt(x² + c²): c'·sinh(z − b) = (c'/c)·(x·cosh b − h·sinh b), evaluated as written
+    for |b| ≤ 1 (at most e² ulps of cancellation) and as ½[(x − h)e^b + (x + h)e^{−b}] with the
+    cancelling difference x ∓ h rewritten as c·c/(h ± x) beyond. log_c may be a tensor that
+    broadcasts against x (one c per row, e.g.)."""
+    if isinstance(log_c, torch.Tensor):
+        c, ratio = torch.exp(log_c), torch.exp(log_c_next - log_c)
+    else:  # c may underflow to 0: then the step is purely multiplicative
+        c, ratio = math.exp(log_c), math.exp(log_c_next - log_c)
+    h = torch.hypot(x, torch.as_tensor(c, dtype=x.dtype).expand_as(x))
+    out = x * torch.cosh(b) - h * torch.sinh(b)
+    big = b.abs() > 1
+    if bool(big.any()):
+        pos = x >= 0
+        tiny = torch.finfo(x.dtype).tiny
+        # c·(c/(h ± x)), not c²/(h ± x): c² underflows long before c does
+        x_minus_h = torch.where(pos, (c / (h + x).clamp_min(tiny)) * -c, x - h)
+        x_plus_h = torch.where(pos, x + h, (c / (h - x).clamp_min(tiny)) * c)
+        eb = torch.exp(b.clamp(-80.0, 80.0))  # a wild direction must not make inf of a weight
+        out = torch.where(big, 0.5 * (x_minus_h * eb + x_plus_h / eb), out)
+    return out.mul_(ratio)
+
+
+def _fused_step(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ratio: torch.Tensor
+                ) -> torch.Tensor:
+    """`mirror_step` without branches (both forms, chosen per element), for torch.compile to
+    fuse into one loop over the weights."""
+    h = torch.hypot(x, c)
+    small = x * torch.cosh(b) - h * torch.sinh(b)
+    pos = x >= 0
+    tiny = torch.finfo(x.dtype).tiny
+    x_minus_h = torch.where(pos, (c / (h + x).clamp_min(tiny)) * -c, x - h)
+    x_plus_h = torch.where(pos, x + h, (c / (h - x).clamp_min(tiny)) * c)
+    eb = torch.exp(b.clamp(-80.0, 80.0))
+    return torch.where(b.abs() <= 1, small, 0.5 * (x_minus_h * eb + x_plus_h / eb)) * ratio
+
+
+_COMPILED: list[Any] = []  # [the compiled _fused_step] once it compiled, [None] if it cannot
+
+
+def _step_tensor(x: torch.Tensor, b: torch.Tensor, log_c: float, log_c_next: float
+                 ) -> torch.Tensor:
+    """The step, fused by torch.compile where a compiler is available (one pass over the
+    weights instead of about ten), else `mirror_step`; MIRRORPRUNE_COMPILE=0 turns it off."""
+    if not _COMPILED:
+        use = os.environ.get("MIRRORPRUNE_COMPILE", "1") != "0"
+        _COMPILED.append(torch.compile(_fused_step, dynamic=True) if use else None)
+    fused = _COMPILED[0]
+    if fused is not None:
+        try:
+            return fused(x, b, torch.tensor(math.exp(log_c), dtype=x.dtype, device=x.device),
+                         torch.tensor(math.exp(log_c_next - log_c), dtype=x.dtype,
+                                      device=x.device))
+        except Exception:  # noqa: BLE001 - no compiler, unsupported backend: stay eager
+            _COMPILED[0] = None
+    return mirror_step(x, b, log_c, log_c_next)
+
+
+class _PILoTOptimizer(torch.optim.Optimizer):
+    """The mirror-group bookkeeping shared by PILoTSGD and PILoTAdamW: one strength schedule
+    for all mirror groups, its step k and log c_k stored in each mirror group (so they are in
+    `state_dict()`)."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], beta: float,
+                 strength: Schedule | float | None):
+        beta = check_number(beta, "beta (m0² − w0² of the flow; paper: 1.0)", low=0,
+                            low_open=True)
+        super().__init__(params, {**defaults, "mirror": False})
+        self.strength = Strength() if strength is None else as_schedule(strength)
+        if not any(g["mirror"] for g in self.param_groups):
+            raise UsageError("no parameter group has mirror=True: build the groups with "
+                             "mirrorprune.optim.param_groups(model)")
+        for g in self.param_groups:
+            if g["mirror"]:
+                g.setdefault("log_c", math.log(beta / 2))
+                g.setdefault("pilot_step", 0)
+                g.setdefault("A", 0.0)
+
+    def _strength_step(self, group: dict[str, Any]) -> tuple[float, float]:
+        """(log c_k, log c_{k+1}) of this step, and advance the group's schedule position."""
+        k = group["pilot_step"]
+        if self.strength.decoupled:
+            dA = self.strength.delta(k)
+        else:  # an α schedule: c shrinks by e^{−4ηα} per step (no momentum amplification here)
+            alpha = self.strength(k)
+            if 2 * alpha * group["lr"] >= 1:
+                raise UsageError(f"alpha {alpha:g} is too large for lr {group['lr']:g}")
+            dA = alpha * group["lr"]
+        log_c = group["log_c"]
+        group["log_c"], group["pilot_step"], group["A"] = log_c - 4 * dA, k + 1, group["A"] + dA
+        return log_c, group["log_c"]
+
+    def _mirror_update(self, group: dict[str, Any], params: list[torch.Tensor],
+                       directions: list[torch.Tensor]) -> None:
+        log_c, log_c_next = self._strength_step(group)
+        for p, d in zip(params, directions):
+            work = torch.promote_types(p.dtype, torch.float32)
+            x = p.to(work)
+            b = d.to(work) * (2 * group["lr"])
+            p.copy_(_step_tensor(x, b, log_c, log_c_next))
+
+    def stats(self) -> dict[str, float]:
+        """The realized strength A, log c and the step of the (first) mirror group."""
+        g = next(g for g in self.param_groups if g["mirror"])
+        return {"A": g["A"], "log_c": g["log_c"], "step": g["pilot_step"],
+                "c": math.exp(g["log_c"])}
+
+
+class PILoTSGD(_PILoTOptimizer):
+    """SGD whose `mirror=True` groups take PILoT's step on x (mirror descent with the potential
+    R_{c_t}); other groups are plain SGD with `weight_decay`. Momentum (optionally dampened or
+    Nesterov) forms the direction d in the dual space, from the gradient.
+
+    strength: a `mirrorprune.schedules` strength schedule (default `Strength()`: give its
+    horizon, and its lr as the LR scheduler you will step with `optimizer.strength.bind(lr=...)`)
+    or an α schedule (the paper's per-step α, here with c_{k+1} = c_k·e^{−4η_kα_k}).
+    beta: m0² − w0² of the equivalent m ⊙ w form (c_0 = β/2; > 0).
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.0,
+                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 beta: float = 1.0, strength: Schedule | float | None = None):
+        check_number(lr, "lr", low=0)
+        check_number(momentum, "momentum", low=0, high=1, high_open=True)
+        check_number(weight_decay, "weight_decay", low=0)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise UsageError("nesterov needs momentum > 0 and dampening 0 (as torch's SGD)")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening,
+                                  "nesterov": nesterov, "weight_decay": weight_decay},
+                         beta, strength)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                if group["mirror"]:
+                    self._strength_step(group)  # the strength advances with every step
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"] and not group["mirror"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            dirs = self._momentum(group, params, grads)
+            if group["mirror"]:
+                self._mirror_update(group, params, dirs)
+            else:
+                torch._foreach_add_(params, dirs, alpha=-group["lr"])
+        return loss
+
+    def _momentum(self, group: dict[str, Any], params: list[torch.Tensor],
+                  grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """SGD's direction: the gradient, or the (dampened, Nesterov) momentum buffer."""
+        mu = group["momentum"]
+        if mu == 0:
+            return list(grads)
+        bufs = []
+        for p, g in zip(params, grads):
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.clone(g).detach()
+            else:
+                st["momentum_buffer"].mul_(mu).add_(g, alpha=1 - group["dampening"])
+            bufs.append(st["momentum_buffer"])
+        if group["nesterov"]:
+            return torch._foreach_add(grads, bufs, alpha=mu)
+        return bufs
+
+
+class PILoTAdamW(_PILoTOptimizer):
+    """Experimental: AdamW whose `mirror=True` groups take PILoT's dual step with Adam's
+    normalized direction d = m̂ / (sqrt(v̂) + eps); other groups are AdamW with decoupled
+    `weight_decay`. Arguments as torch's AdamW, plus beta and strength as PILoTSGD's."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, beta: float = 1.0,
+                 strength: Schedule | float | None = None):
+        check_number(lr, "lr", low=0)
+        for v in betas:
+            check_number(v, "betas", low=0, high=1, high_open=True)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                  "weight_decay": weight_decay}, beta, strength)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                if group["mirror"]:
+                    self._strength_step(group)
+                continue
+            dirs = self._adam_directions(group, params)
+            if group["mirror"]:
+                self._mirror_update(group, params, dirs)
+            else:
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, dirs, alpha=-group["lr"])
+        return loss
+
+    def _adam_directions(self, group: dict[str, Any], params: list[torch.Tensor]
+                         ) -> list[torch.Tensor]:
+        b1, b2 = group["betas"]
+        out = []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+            t = float(st["step"])
+            st["exp_avg"].lerp_(p.grad, 1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+            out.append(st["exp_avg"] / (1 - b1**t) / denom)
+        return out

@@ -1,0 +1,247 @@
+"""PILoT as an optimizer (SPEC §2.5c): the dual step is exact in the log domain, equals gradient
+descent on (m, w) to first order, resumes bit-identically, and works where users train."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mirrorprune as mp
+from mirrorprune import schedules as S
+from mirrorprune.errors import UsageError
+from mirrorprune.optim import PILoTAdamW, PILoTSGD, mirror_step, param_groups
+
+mpmath = pytest.importorskip("mpmath")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _reference(x: float, b: float, log_c: float, log_c_next: float) -> float:
+    mpmath.mp.dps = 50
+    c, c_next = mpmath.e ** log_c, mpmath.e ** log_c_next
+    return float(c_next * mpmath.sinh(mpmath.asinh(mpmath.mpf(x) / c) - b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=st.one_of(st.just(0.0), st.floats(-1e30, 1e30, allow_nan=False),
+                   st.floats(-1e-3, 1e-3, allow_nan=False)),
+       b=st.one_of(st.floats(-5, 5), st.floats(-1e-3, 1e-3)),
+       log_c=st.one_of(st.floats(-1e4, 5), st.floats(-30, 5)), dA=st.floats(0, 2),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_the_step_is_exact_in_the_log_domain(x, b, log_c, dA, dtype):
+    xt = torch.tensor([x], dtype=dtype)
+    bt = torch.tensor([b], dtype=dtype)
+    work = torch.promote_types(dtype, torch.float32)  # as the optimizers compute
+    got = mirror_step(xt.to(work), bt.to(work), log_c, log_c - 4 * dA).to(dtype)
+    ref = _reference(float(xt), float(bt), log_c, log_c - 4 * dA)
+    assert torch.isfinite(got).all()
+    tol = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 8e-3}[dtype]
+    tiny = torch.finfo(dtype).tiny
+    # the size of the terms that cancel when z − b ≈ 0: no method does better than rounding them
+    xs, bs = float(xt), float(bt)
+    c = math.exp(log_c)
+    scale = (abs(xs) * math.cosh(bs) + math.hypot(xs, c) * abs(math.sinh(bs))) * math.exp(-4 * dA)
+    assert abs(float(got) - ref) <= tol * max(abs(ref), scale) + 8 * tiny
+
+
+def _lstsq(seed=0, n=12, d=6):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(d, n, generator=g, dtype=torch.float64)
+    return Z, Z @ torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def _loss(x, Z, Y):
+    return 0.5 * (Z @ x - Y).square().sum() / len(Y)
+
+
+def test_one_step_is_gradient_descent_on_m_and_w_to_first_order():
+    Z, Y = _lstsq()
+    x0 = torch.linspace(-1, 1, 12, dtype=torch.float64)
+    errors = []
+    for eta in (1e-2, 5e-3, 2.5e-3):
+        dA = 0.3 * eta  # the strength spread over flow time: ΔA ∝ η
+        # optimizer form
+        x = nn.Parameter(x0.clone())
+        opt = PILoTSGD([{"params": [x], "mirror": True}], lr=eta,
+                       strength=S.Strength(1e9, horizon=1, shape="linear", end=1.0))
+        opt.strength = _FixedDelta(dA)
+        _loss(x, Z, Y).backward()
+        opt.step()
+        # m ⊙ w form: decoupled decay e^{−2ΔA}, then a gradient step on m and w
+        m0, w0 = mp.mirror_init(x0, 1.0)
+        m, w = m0.clone().requires_grad_(), w0.clone().requires_grad_()
+        _loss(m * w, Z, Y).backward()
+        with torch.no_grad():
+            m_new = math.exp(-2 * dA) * m - eta * m.grad
+            w_new = math.exp(-2 * dA) * w - eta * w.grad
+        errors.append(float((x.detach() - m_new * w_new).abs().max()))
+    # second order: halving η quarters the difference
+    assert errors[0] / errors[1] == pytest.approx(4, rel=0.1)
+    assert errors[1] / errors[2] == pytest.approx(4, rel=0.1)
+
+
+class _FixedDelta(S.Schedule):
+    decoupled = True
+
+    def __init__(self, dA):
+        self.dA = dA
+
+    def delta(self, k):
+        return self.dA
+
+    def alpha(self, k):
+        return 0.0
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def _data(n=64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 10, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def _steps(model, opt, k, sched=None, clip=None):
+    x, y = _data()
+    losses = []
+    for _ in range(k):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if sched:
+            sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _sgd(model, horizon=60, **kw):
+    return PILoTSGD(param_groups(model, weight_decay=1e-3), lr=0.1, momentum=0.9,
+                    strength=S.Strength(0.5, horizon=horizon), **kw)
+
+
+def test_groups_select_like_pilot():
+    model = _model()
+    groups = param_groups(model, weight_decay=1e-3)
+    assert [g["mirror"] for g in groups] == [True, False]
+    assert [p.shape for p in groups[0]["params"]] == [torch.Size([32, 10]), torch.Size([3, 32])]
+    assert groups[1]["weight_decay"] == 1e-3 and groups[0]["weight_decay"] == 0.0
+    keep_last = param_groups(model, exclude=("2",))
+    assert [p.shape for p in keep_last[0]["params"]] == [torch.Size([32, 10])]
+    with pytest.raises(UsageError, match="no parameter group has mirror=True"):
+        PILoTSGD(model.parameters(), lr=0.1)
+
+
+def test_plain_groups_equal_torch_sgd():
+    a, b = _model(), _model()
+    opt_a = PILoTSGD([{"params": [a[0].weight], "mirror": True},
+                      {"params": [p for n, p in a.named_parameters() if n != "0.weight"],
+                       "weight_decay": 1e-3}], lr=0.1, momentum=0.9, nesterov=True,
+                     strength=S.Strength(0.1, horizon=10))
+    opt_b = torch.optim.SGD([p for n, p in b.named_parameters() if n != "0.weight"], lr=0.1,
+                            momentum=0.9, nesterov=True, weight_decay=1e-3)
+    x, y = _data()
+    for _ in range(5):
+        for opt, m in ((opt_a, a), (opt_b, b)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        with torch.no_grad():  # b's first layer follows a's, so both see the same inputs
+            b[0].weight.copy_(a[0].weight)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        if n != "0.weight":
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_realized_strength_and_learning_rate_schedules():
+    model = _model()
+    opt = _sgd(model, horizon=60)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=60)
+    opt.strength.bind(lr=sched)
+    losses = _steps(model, opt, 60, sched=sched)
+    st = opt.stats()
+    assert st["A"] == pytest.approx(0.5) and st["step"] == 60
+    assert st["log_c"] == pytest.approx(math.log(0.5) - 4 * 0.5)
+    assert losses[-1] < losses[0] and all(math.isfinite(v) for v in losses)
+    # η_k is read from the group at every step: with lr 0 the weights only decay, x ← x·c'/c
+    w = model[0].weight.detach().clone()
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.strength = _FixedDelta(0.01)
+    _steps(model, opt, 1)
+    torch.testing.assert_close(model[0].weight, w * math.exp(-0.04))
+
+
+def test_state_dict_resumes_bit_identically(tmp_path):
+    ref = _model()
+    opt = _sgd(ref)
+    _steps(ref, opt, 20)
+    a = _model()
+    opt_a = _sgd(a)
+    _steps(a, opt_a, 12)
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    b = _model(seed=5)
+    b.load_state_dict(ck["model"])
+    opt_b = _sgd(b)
+    opt_b.load_state_dict(ck["opt"])
+    _steps(b, opt_b, 8)
+    for p, q in zip(ref.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert opt_b.stats() == opt.stats()
+
+
+def test_compile_autocast_and_clipping():
+    model = _model()
+    opt = _sgd(model)
+    compiled = torch.compile(model, backend="eager")  # no compiler needed for the check
+    x, y = _data()
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(compiled(x), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+    assert opt.stats()["step"] == 3
+
+
+def test_low_precision_parameters_and_prune():
+    model = _model().to(torch.bfloat16)
+    opt = PILoTSGD(param_groups(model), lr=0.1, momentum=0.9,
+                   strength=S.Strength(1.0, horizon=30))
+    x, y = _data()
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.bfloat16()), y).backward()
+        opt.step()
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+    pruned = mp.prune(model, 0.9)
+    assert mp.sparsity_report(pruned).sparsity == pytest.approx(0.9, abs=1e-3)
+
+
+def test_adamw_variant_trains():
+    model = _model()
+    opt = PILoTAdamW(param_groups(model, weight_decay=1e-2), lr=1e-2,
+                     strength=S.Strength(0.3, horizon=60))
+    losses = _steps(model, opt, 60)
+    assert losses[-1] < 0.8 * losses[0] and opt.stats()["A"] == pytest.approx(0.3)
+
+
+def test_bad_arguments():
+    model = _model()
+    with pytest.raises(UsageError, match="beta"):
+        PILoTSGD(param_groups(model), lr=0.1, beta=0.0)
+    with pytest.raises(UsageError, match="nesterov"):
+        PILoTSGD(param_groups(model), lr=0.1, nesterov=True)
+    opt = PILoTSGD(param_groups(model), lr=0.1)  # Strength() without a horizon
+    with pytest.raises(UsageError, match="needs its horizon"):
+        _steps(model, opt, 1)
