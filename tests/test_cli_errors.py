@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mirrorprune.cli import main
+from mirrorprune.schedules import DEFAULT_STRENGTH
 
 pytest.importorskip("matplotlib")
 BASE = ["oneshot", "--dataset", "digits", "--methods", "dense,pilot", "--seeds", "1",
@@ -98,7 +99,7 @@ def test_existing_runs_are_not_overwritten(finished):
     _refused([*BASE, "--out", finished], finished, "exists: resume it (--resume")
     err = _refused([*BASE, "--out", finished, "--resume", "--hp", "pilot.strength=3"], finished,
                    "was made with another configuration", "hparams")
-    assert "'strength': 2.0" in err and "'strength': 3" in err
+    assert f"'strength': {DEFAULT_STRENGTH!r}" in err and "'strength': 3" in err
     # other shared settings are refused before any run is looked at
     _refused([*BASE[:-3], "--epochs", "2", "--quiet", "--out", finished, "--resume"], finished,
              "holds results made with other settings", "epochs: 1 there, 2 now")

@@ -18,8 +18,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     cfg = from_args(demo.DemoConfig, args)
     out = demo.run(cfg, progress=not args.quiet)
-    print("\nMLP 64-256-256-10 on scikit-learn digits (360 test images), one-shot global "
-          f"magnitude pruning, {cfg.epochs} epochs, seeds 0..{cfg.seeds - 1}, PILoT "
+    print(f"\nMLP 64-256-256-10 on scikit-learn digits ({out['test_size']} test images), "
+          f"one-shot global magnitude pruning, {cfg.epochs} epochs, seeds 0..{cfg.seeds - 1}, "
+          "PILoT "
           + (f"strength A = {cfg.strength:g}" if cfg.alpha0 is None else
              f"alpha0={cfg.alpha0:g}"))
     print(demo.format_table(out["summary"]))

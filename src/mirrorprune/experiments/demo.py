@@ -50,6 +50,7 @@ def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
     replace(cfg.train, epochs=cfg.epochs).validate()
     t0 = time.time()
     tr, te = load("digits", "train"), load("digits", "test")
+    test_size = len(te)
     rows, report = [], None
     jobs = [(seed, name) for seed in range(cfg.seeds) for name in ("dense", "pilot")]
     for seed, name in tqdm(jobs, desc="demo", disable=not progress):
@@ -77,7 +78,8 @@ def run(cfg: DemoConfig | None = None, progress: bool = True) -> dict:
             summary.append({"method": name, "sparsity": s, "accuracy_mean": mean,
                             "accuracy_ci95": half, "seeds": len(accs)})
     return {"provenance": provenance(), "config": asdict(cfg), "rows": rows,
-            "summary": summary, "report": report, "seconds": time.time() - t0}
+            "summary": summary, "report": report, "test_size": test_size,
+            "seconds": time.time() - t0}
 
 
 def format_table(summary: list[dict]) -> str:

@@ -156,7 +156,7 @@ class PilotMethod(DecayedMirror):
                                  "flow time", low=0)
         schedule: str = hparam("strength", "how the strength is spread over training",
                                choices=tuple(S.SCHEDULES))
-        shape: str = hparam("geometric", "strength: how A rises in flow time",
+        shape: str = hparam(S.DEFAULT_SHAPE, "strength: how A rises in flow time",
                             choices=S.SHAPES)
         alpha: float = hparam(1e-3, "α schedules: α per step in the first epoch", low=0)
         p: float | None = hparam(None, "geometric: α·p^epoch (None: decay_to^(1/epochs))",
