@@ -1,9 +1,10 @@
 """Training overhead of PILoT against dense training of the same model, in one process.
 
-For each model, dense and PILoT steps (forward, backward, PILoT's decay, SGD-momentum update)
-are timed in interleaved rounds, so machine noise hits both alike; the reported ratio is the
-median over rounds of (PILoT round time / dense round time). Memory: the exact bytes of
-parameters + gradients + optimizer state of each variant; the peak of all bytes torch holds
+For each model, dense steps (SGD with momentum), PILoT steps in the m ⊙ w form (forward,
+backward, PILoT's decay, SGD-momentum update) and in the optimizer form (`mp.optim.PILoTSGD`,
+same momentum) are timed in interleaved rounds, so machine noise hits all alike; the reported
+ratio is the median over rounds of (variant round time / dense round time). Memory: the exact
+bytes of parameters + gradients + optimizer state of each variant; the peak of all bytes torch holds
 during one training step (the state at its start plus the running sum of the profiler's
 allocations and frees, per op; CPU); and the peak resident memory a fresh process adds while
 training (ru_maxrss, CPU; coarse, allocator-dependent) or torch.cuda.max_memory_allocated (GPU).
@@ -56,12 +57,16 @@ def setup(case: str, variant: str, device: str):
     torch.manual_seed(0)
     model = factory().to(device)
     pilot = None
-    if variant == "pilot":
-        pilot = mp.PILoT(model, mp.schedules.Constant(1e-4))
-        groups = pilot.param_groups(weight_decay=5e-4)
+    if variant == "pilot_opt":
+        opt = mp.optim.PILoTSGD(mp.optim.param_groups(model, weight_decay=5e-4), lr=0.01,
+                                momentum=0.9, strength=mp.schedules.Strength(0.5, horizon=10**6))
     else:
-        groups = [{"params": list(model.parameters()), "weight_decay": 5e-4}]
-    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+        if variant == "pilot":
+            pilot = mp.PILoT(model, mp.schedules.Constant(1e-4))
+            groups = pilot.param_groups(weight_decay=5e-4)
+        else:
+            groups = [{"params": list(model.parameters()), "weight_decay": 5e-4}]
+        opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     x = torch.randn(shape, device=device)
     y = torch.randint(0, 10, (shape[0],), device=device)
     return model, opt, pilot, x, y
@@ -107,36 +112,40 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+VARIANTS = ("dense", "pilot", "pilot_opt")
+
+
 def time_case(case: str, device: str, rounds: int, steps: int) -> dict:
-    runs = {v: setup(case, v, device) for v in ("dense", "pilot")}
-    for r in runs.values():  # warm-up (allocator, kernels, optimizer state)
+    runs = {v: setup(case, v, device) for v in VARIANTS}
+    for r in runs.values():  # warm-up (allocator, kernels, optimizer state, compilation)
         for _ in range(3):
             step(*r)
     _sync(device)
-    times: dict[str, list[float]] = {"dense": [], "pilot": []}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(rounds):
-        order = ("dense", "pilot") if i % 2 == 0 else ("pilot", "dense")
-        for v in order:
+        for v in (VARIANTS[i % 3:] + VARIANTS[:i % 3]):  # rotate the order every round
             t = time.perf_counter()
             for _ in range(steps):
                 step(*runs[v])
             _sync(device)
             times[v].append((time.perf_counter() - t) / steps)
-    ratios = [p / d for p, d in zip(times["pilot"], times["dense"])]
-    copy = sum(mw.m.numel() * mw.m.element_size() for mw in runs["pilot"][2].weights)
-    dense, pilot = (state_bytes(runs[v][0], runs[v][1]) for v in ("dense", "pilot"))
+    weights = mp.optim.param_groups(runs["dense"][0])[0]["params"]  # the prunable weights
+    copy = sum(p.numel() * p.element_size() for p in weights)
+    state = {v: state_bytes(runs[v][0], runs[v][1]) for v in VARIANTS}
     if device == "cpu":
-        dense["step_peak"], pilot["step_peak"] = (step_peak_bytes(*runs[v])
-                                                  for v in ("dense", "pilot"))
-    return {"case": case, "dense_ms": 1e3 * statistics.median(times["dense"]),
-            "pilot_ms": 1e3 * statistics.median(times["pilot"]),
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-            "reparametrized_bytes": copy,
-            **{f"dense_{k}_bytes": v for k, v in dense.items()},
-            **{f"pilot_{k}_bytes": v for k, v in pilot.items()},
-            # extra memory of PILoT in copies of the reparametrized weights
-            **{f"extra_{k}_copies": (pilot[k] - dense[k]) / copy for k in dense}}
+        for v in VARIANTS:
+            state[v]["step_peak"] = step_peak_bytes(*runs[v])
+    row = {"case": case, "reparametrized_bytes": copy}
+    for v in VARIANTS:
+        ratios = [a / d for a, d in zip(times[v], times["dense"])]
+        row[f"{v}_ms"] = 1e3 * statistics.median(times[v])
+        if v != "dense":  # extra memory in copies of the prunable weights
+            row.update({f"{v}_ratio_median": statistics.median(ratios),
+                        f"{v}_ratio_min": min(ratios), f"{v}_ratio_max": max(ratios),
+                        **{f"{v}_extra_{k}_copies": (state[v][k] - state["dense"][k]) / copy
+                           for k in state["dense"]}})
+        row.update({f"{v}_{k}_bytes": b for k, b in state[v].items()})
+    return row
 
 
 def _rss_peak() -> int:
@@ -184,18 +193,19 @@ def main() -> None:
     rows = []
     for case in a.cases.split(","):
         row = time_case(case, a.device, a.rounds, a.steps)
-        for v in ("dense", "pilot"):
+        for v in VARIANTS:
             row[f"{v}_peak_bytes"] = peak_memory(case, v, a.device)
         rows.append(row)
-        mib = {k: v / 2**20 for k, v in row.items() if k.endswith("bytes")}
-        print(f"{case:18s} dense {row['dense_ms']:8.2f} ms  pilot {row['pilot_ms']:8.2f} ms  "
-              f"ratio {row['ratio_median']:.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]"
-              f"  extra copies of the wrapped weights ({mib['reparametrized_bytes']:.1f} MiB): "
-              + ", ".join(f"{k} {row[f'extra_{k}_copies']:+.2f}"
-                          for k in ("params", "grads", "optimizer", "step_peak")
-                          if f"extra_{k}_copies" in row)
-              + f"  peak +{mib['dense_peak_bytes']:.0f} / +{mib['pilot_peak_bytes']:.0f} MiB",
-              flush=True)
+        for v in VARIANTS[1:]:
+            extra = ", ".join(f"{k} {row[f'{v}_extra_{k}_copies']:+.2f}"
+                              for k in ("params", "grads", "optimizer", "step_peak")
+                              if f"{v}_extra_{k}_copies" in row)
+            print(f"{case:18s} {v:9s} {row[f'{v}_ms']:8.2f} ms vs dense {row['dense_ms']:8.2f} "
+                  f"ms: ratio {row[f'{v}_ratio_median']:.3f} [{row[f'{v}_ratio_min']:.3f}, "
+                  f"{row[f'{v}_ratio_max']:.3f}]; extra copies of the prunable weights "
+                  f"({row['reparametrized_bytes'] / 2**20:.1f} MiB): {extra}; peak +"
+                  f"{row['dense_peak_bytes'] / 2**20:.0f} / +{row[f'{v}_peak_bytes'] / 2**20:.0f}"
+                  " MiB", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(a), "torch": torch.__version__, "threads": torch.get_num_threads(),

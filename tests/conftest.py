@@ -1,4 +1,10 @@
+import os
+
 import pytest
+
+# PILoTSGD's fused step compiles once per process (seconds); the tests use the eager step, and
+# tests/test_optim.py checks the compiled one against it
+os.environ.setdefault("MIRRORPRUNE_COMPILE", "0")
 import torch
 from torch import nn
 

@@ -14,7 +14,7 @@ from mirrorprune.train import TrainConfig, init_distributed, train
 if __name__ == "__main__":
     out, name = Path(sys.argv[1]), sys.argv[2]
     hp = {"pilot": {"schedule": "target", "target": 0.9, "alpha": 1e-3},
-          "gmp": {"target": 0.9, "every": 5}}[name]
+          "gmp": {"target": 0.9, "every": 5}, "pilot_opt": {"strength": 0.5}}[name]
     rank, world = init_distributed()
     torch.manual_seed(0)
     data = load("digits", "train")

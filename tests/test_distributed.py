@@ -22,7 +22,7 @@ def _run(args):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("method", ["pilot", "gmp"])
+@pytest.mark.parametrize("method", ["pilot", "gmp", "pilot_opt"])
 def test_two_processes_equal_one(tmp_path, method):
     single, multi = tmp_path / "single", tmp_path / "multi"
     _run([str(WORKER), str(single), method])
@@ -39,9 +39,12 @@ def test_two_processes_equal_one(tmp_path, method):
         for k in r0["masks"]:
             assert torch.equal(r0["masks"][k], r1["masks"][k])
             assert torch.equal(r0["masks"][k], one["masks"][k])
-    else:  # the target controller saw the same (all-reduced) accuracy on every rank
+    elif method == "pilot":  # the target controller saw the same (all-reduced) accuracy
         assert r0["method"]["pilot"] == r1["method"]["pilot"]
         assert [h["alpha"] for h in r0["history"]] == [h["alpha"] for h in one["history"]]
+    else:  # the optimizer's strength and c advanced alike on every rank
+        assert [h["log_c"] for h in r0["history"]] == [h["log_c"] for h in r1["history"]]
+        assert r0["history"][-1]["A"] == pytest.approx(0.5)
     # same global batch: equal to the single-process run up to float summation order
     for k in r0["weights"]:
         torch.testing.assert_close(r0["weights"][k], one["weights"][k], rtol=1e-4, atol=1e-5)

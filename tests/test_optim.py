@@ -245,3 +245,52 @@ def test_bad_arguments():
     opt = PILoTSGD(param_groups(model), lr=0.1)  # Strength() without a horizon
     with pytest.raises(UsageError, match="needs its horizon"):
         _steps(model, opt, 1)
+
+
+def test_compiled_step_equals_the_eager_one(monkeypatch):
+    from mirrorprune import optim
+
+    monkeypatch.setenv("MIRRORPRUNE_COMPILE", "1")
+    monkeypatch.setattr(optim, "_COMPILED", [])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 50, generator=g) * torch.logspace(-8, 1, 50)
+    b = torch.randn(300, 50, generator=g) * 0.8  # both forms (|b| <= 1 and > 1)
+    got = optim._step_tensor(x, b, -3.0, -3.2)
+    if optim._COMPILED[0] is None:
+        pytest.skip("torch.compile is not available here: the eager step is used")
+    # both float32 evaluations agree with float64 to the rounding of the terms that cancel
+    ref = mirror_step(x.double(), b.double(), -3.0, -3.2)
+    xd, bd = x.double(), b.double()
+    h = torch.hypot(xd, torch.tensor(math.exp(-3.0), dtype=torch.float64))
+    scale = xd.abs() * bd.cosh() + h * bd.sinh().abs()
+    for y in (got, mirror_step(x, b, -3.0, -3.2)):
+        assert ((y.double() - ref).abs() <= 2e-6 * scale * math.exp(-0.8) + 1e-30).all()
+
+
+def test_hugging_face_trainer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import BertConfig, BertForSequenceClassification, Trainer
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    model = BertForSequenceClassification(cfg)  # randomly initialized, nothing downloaded
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (256, 16), generator=g)
+    data = [{"input_ids": t, "labels": int(t[0] < 32)} for t in tokens]
+    steps = 30
+    opt = PILoTSGD(param_groups(model, weight_decay=1e-4), lr=0.05, momentum=0.9,
+                   strength=S.Strength(0.2, horizon=steps))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    opt.strength.bind(lr=sched)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16,
+        report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    out = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched)).train()
+    assert math.isfinite(out.training_loss)
+    assert opt.stats()["step"] == steps and opt.stats()["A"] == pytest.approx(0.2)
+    pruned = mp.prune(model, 0.9)
+    fresh = BertForSequenceClassification(cfg)
+    fresh.load_state_dict(pruned.state_dict(), strict=True)
+    assert mp.sparsity_report(fresh).sparsity == pytest.approx(0.9, abs=1e-4)

@@ -149,22 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirrorprune", description=__doc__)
     p.add_argument("--version", action="version", version=f"mirrorprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = [
-        ("demo", _demo, demo.DemoConfig, "dense vs PILoT MLP on bundled digits, pruned to "
-         "90-98%%"),
-        ("diag", _diag, diag.DiagConfig, "diagonal linear network experiment (paper Fig. 1, 4, "
-         "5)"),
-        ("oneshot", _compare, oneshot.OneshotConfig, "one-shot pruning sweep of several methods "
-         "(paper Fig. 2)"),
-        ("iterative", _iterative, iterative.IterativeConfig, "IMP / LRR with or without PILoT "
-         "(paper Fig. 3)"),
-        ("targets", _compare, targets.TargetsConfig, "train each method aimed at fixed target "
-         "sparsities"),
-        ("tune", _compare, tune.TuneConfig, "choose a method's hyperparameter on a validation "
-         "split (never the test set)"),
-    ]
-    for name, func, cls, text in commands:
-        c = sub.add_parser(name, help=text)
+    commands = [("demo", _demo, demo), ("diag", _diag, diag), ("oneshot", _compare, oneshot),
+                ("iterative", _iterative, iterative), ("targets", _compare, targets),
+                ("tune", _compare, tune)]
+    for name, func, module in commands:
+        cls = module.CONFIG
+        # the help line is the first paragraph of the experiment's docstring
+        text = " ".join(module.__doc__.split("\n\n")[0].split())
+        c = sub.add_parser(name, help=text.replace("%", "%%"))
         add_arguments(c, cls)
         if name == "demo":
             c.add_argument("--json", metavar="FILE", help="also write all results as JSON")

@@ -157,6 +157,34 @@ class _PILoTOptimizer(torch.optim.Optimizer):
             b = d.to(work) * (2 * group["lr"])
             p.copy_(_step_tensor(x, b, log_c, log_c_next))
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                if group["mirror"]:
+                    self._strength_step(group)  # the strength advances with every step
+                continue
+            dirs = self._directions(group, params)
+            if group["mirror"]:
+                self._mirror_update(group, params, dirs)
+            else:
+                self._plain_update(group, params, dirs)
+        return loss
+
+    def _directions(self, group: dict[str, Any], params: list[torch.Tensor]
+                    ) -> list[torch.Tensor]:
+        """The base optimizer's direction d for each parameter (its step is −lr·d)."""
+        raise NotImplementedError
+
+    def _plain_update(self, group: dict[str, Any], params: list[torch.Tensor],
+                      dirs: list[torch.Tensor]) -> None:
+        torch._foreach_add_(params, dirs, alpha=-group["lr"])
+
     def stats(self) -> dict[str, float]:
         """The realized strength A, log c and the step of the (first) mirror group."""
         g = next(g for g in self.param_groups if g["mirror"])
@@ -187,27 +215,11 @@ class PILoTSGD(_PILoTOptimizer):
                                   "nesterov": nesterov, "weight_decay": weight_decay},
                          beta, strength)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                if group["mirror"]:
-                    self._strength_step(group)  # the strength advances with every step
-                continue
-            grads = [p.grad for p in params]
-            if group["weight_decay"] and not group["mirror"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            dirs = self._momentum(group, params, grads)
-            if group["mirror"]:
-                self._mirror_update(group, params, dirs)
-            else:
-                torch._foreach_add_(params, dirs, alpha=-group["lr"])
-        return loss
+    def _directions(self, group, params):
+        grads = [p.grad for p in params]
+        if group["weight_decay"] and not group["mirror"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        return self._momentum(group, params, grads)
 
     def _momentum(self, group: dict[str, Any], params: list[torch.Tensor],
                   grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -243,29 +255,12 @@ class PILoTAdamW(_PILoTOptimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
                                   "weight_decay": weight_decay}, beta, strength)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                if group["mirror"]:
-                    self._strength_step(group)
-                continue
-            dirs = self._adam_directions(group, params)
-            if group["mirror"]:
-                self._mirror_update(group, params, dirs)
-            else:
-                if group["weight_decay"]:
-                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-                torch._foreach_add_(params, dirs, alpha=-group["lr"])
-        return loss
+    def _plain_update(self, group, params, dirs):
+        if group["weight_decay"]:  # decoupled, as AdamW's
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        super()._plain_update(group, params, dirs)
 
-    def _adam_directions(self, group: dict[str, Any], params: list[torch.Tensor]
-                         ) -> list[torch.Tensor]:
+    def _directions(self, group, params):
         b1, b2 = group["betas"]
         out = []
         for p in params:

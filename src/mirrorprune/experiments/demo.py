@@ -89,3 +89,6 @@ def format_table(summary: list[dict]) -> str:
         acc = f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_ci95']:.2f} %"
         lines.append(f"{r['method']:<8}  {r['sparsity']:>8.0%}  {acc:>30}  {r['seeds']:>5}")
     return "\n".join(lines)
+
+
+CONFIG = DemoConfig  # the command line's options (cli.py)

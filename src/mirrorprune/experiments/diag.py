@@ -368,3 +368,6 @@ def headline(result: dict) -> dict:
         "kkt_gap_pilot_opt": result["kkt_gap_pilot_opt"],
         "seconds": round(result["seconds"], 1),
     }
+
+
+CONFIG = DiagConfig  # the command line's options (cli.py)

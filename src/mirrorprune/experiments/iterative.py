@@ -211,3 +211,6 @@ def run(cfg: IterativeConfig, out: str | Path, progress: bool = True) -> dict:
          f"{cfg.keep:g} per cycle, {cfg.epochs} epochs per cycle")
     mine = [r for r in rows if r["variant"] == cfg.variant]
     return {"rows": mine, "seconds": time.time() - t0}
+
+
+CONFIG = IterativeConfig  # the command line's options (cli.py)

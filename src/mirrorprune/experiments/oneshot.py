@@ -182,3 +182,6 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
                                     f"{table}\n")
     return {"table": table, "summary": summary, "seconds": time.time() - t0,
             "files": ["oneshot.csv", "oneshot.png", "oneshot.md", "config.json", "runs/"]}
+
+
+CONFIG = OneshotConfig  # the command line's options (cli.py)

@@ -151,3 +151,6 @@ def markdown(rows: list[dict], methods: tuple[str, ...]) -> str:
                                                 f" ± {100 * half:.2f}"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+CONFIG = TargetsConfig  # the command line's options (cli.py)

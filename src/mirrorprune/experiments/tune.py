@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,8 @@ class TuneConfig(DataConfig):
     val_fraction: float = option(0.1, "the last fraction of the training set held out for "
                                  "validation")
     exclude: tuple[str, ...] = option((), "module names (globs) kept dense", repeat=True)
+    workers: int = option(1, "grid values trained at once, each in a process of its own (one "
+                          "thread each)")
     hparams: dict[str, dict[str, Any]] = option({}, "fixed hyperparameters (--hp)", cli=False)
 
     def parsed_grid(self) -> tuple[str, list[Any]]:
@@ -70,6 +76,8 @@ class TuneConfig(DataConfig):
         key, values = self.parsed_grid()
         if not values or len(set(map(repr, values))) < len(values):
             raise UsageError(f"--grid needs distinct values, got {values}")
+        if self.workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {self.workers}")
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not self.levels or not all(0 <= s < 1 for s in self.levels):
@@ -90,6 +98,9 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     key, values = cfg.parsed_grid()
     for v in values:  # everything checkable before loading data or writing a file
         check_runs(cfg.one(v), out / f"{key}={v}", resume)
+    if cfg.workers > 1 and len(values) > 1:
+        _train_in_parallel(cfg, out, key, values, resume)
+        resume = True  # the runs the workers finished are reused below
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
     rows = []
@@ -120,6 +131,30 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
             "files": ["tune.csv", "tune.json", f"{key}=*/runs/"]}
 
 
+def _train_in_parallel(cfg: TuneConfig, out: Path, key: str, values: list[Any],
+                       resume: bool) -> None:
+    """Train each grid value in a `mirrorprune tune` process of its own, `cfg.workers` at a
+    time (the caller then reuses the finished runs and chooses)."""
+    base = [sys.executable, "-m", "mirrorprune", "tune", "--quiet", "--out", str(out),
+            "--dataset", cfg.dataset, "--model", cfg.model, "--preset", cfg.preset,
+            "--method", cfg.method, "--seeds", str(cfg.seeds),
+            "--levels", ",".join(map(str, cfg.levels)), "--val-fraction", str(cfg.val_fraction),
+            *(["--data-dir", cfg.data_dir] if cfg.data_dir else []),
+            *(["--epochs", str(cfg.epochs)] if cfg.epochs is not None else []),
+            *(f"--exclude={g}" for g in cfg.exclude), *(["--resume"] if resume else []),
+            *(f"--hp={cfg.method}.{k}={v!r}" for k, v in cfg.hparams.get(cfg.method, {}).items())]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def one(value: Any) -> None:
+        res = subprocess.run([*base, "--grid", f"{key}={value!r}"], capture_output=True,
+                             text=True, env=env)
+        if res.returncode != 0:
+            raise RuntimeError(f"tune worker for {key}={value!r} failed:\n{res.stderr[-2000:]}")
+
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        list(pool.map(one, values))
+
+
 def hparams_from(paths: list[str], dataset: str, model: str, methods: tuple[str, ...]
                  ) -> dict[str, dict[str, Any]]:
     """The chosen hyperparameters of `tune.json` files (made on the same dataset and model),
@@ -140,3 +175,6 @@ def hparams_from(paths: list[str], dataset: str, model: str, methods: tuple[str,
             if m in methods:
                 out[m] = {**out.get(m, {}), **hp}
     return out
+
+
+CONFIG = TuneConfig  # the command line's options (cli.py)

@@ -223,7 +223,7 @@ class PilotOptimizer(Method):
     class Config:
         strength: float = hparam(S.DEFAULT_STRENGTH, "the total A reached (c∞ = β/2·e^(−4A))",
                                  low=0)
-        shape: str = hparam("geometric", "how A rises in flow time", choices=S.SHAPES)
+        shape: str = hparam(S.DEFAULT_SHAPE, "how A rises in flow time", choices=S.SHAPES)
         beta: float = hparam(1.0, "m0² − w0² of the flow (c0 = β/2)", low=0, low_open=True)
 
     def param_groups(self, weight_decay):
