@@ -46,8 +46,8 @@ def test_modules_import_only_public_names_of_each_other():
 
 
 def test_every_method_is_registered_with_a_typed_documented_config():
-    assert list(METHODS) == ["dense", "l1", "l1_m", "spred", "pilot", "cs", "powerprop", "str",
-                             "gmp"]
+    assert list(METHODS) == ["dense", "l1", "l1_m", "spred", "pilot", "pilot_opt", "pilot_adamw",
+                             "cs", "powerprop", "str", "gmp"]
     for name, cls in METHODS.items():
         assert cls.name == name and dataclasses.is_dataclass(cls.Config)
         for f in dataclasses.fields(cls.Config):
@@ -80,7 +80,8 @@ def test_each_method_says_how_it_is_aimed_at_a_target():
     assert aimed["gmp"] == {"target": 0.9}
     assert aimed["pilot"]["schedule"] == "target" and aimed["pilot"]["target"] == 0.9
     assert set(aimed["spred"]) == {"alpha"} and set(aimed["str"]) == {"s_init"}
-    assert all(aimed[m] == {} for m in ("dense", "l1", "l1_m", "cs", "powerprop"))
+    assert all(aimed[m] == {} for m in ("dense", "l1", "l1_m", "cs", "powerprop", "pilot_opt",
+                                        "pilot_adamw"))
     for name, hp in aimed.items():
         create_method(name, **hp)  # valid values
 
@@ -101,7 +102,7 @@ def test_schedules_by_name():
         S.from_name("target", 1e-3, 4, 3)
 
 
-@pytest.mark.parametrize("name", ["dense", "l1", "l1_m", "spred", "pilot", "gmp"])
+@pytest.mark.parametrize("name", ["dense", "l1", "l1_m", "spred", "pilot", "pilot_opt", "gmp"])
 def test_fixed_masks_hold_pruned_weights_at_zero_for_any_method(name):
     plain = mp.prune(_net(), 0.6)
     masks = {n: p != 0 for n, p in unique_weights(plain).items()}
