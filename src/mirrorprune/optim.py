@@ -10,12 +10,14 @@ with c_{k+1} = c_k·e^{−4ΔA_k} and d_k the gradient or the base optimizer's d
 momentum buffer; AdamW's normalized moment). This is mirror descent with the time-dependent
 potential R_{c_t}. With b = 2η_k d_k and h = sqrt(x² + c²) the step is, exactly,
 
-    x_{k+1} = (c_{k+1}/c_k) · ½ [(x − h)·e^{b} + (x + h)·e^{−b}],
+    x_{k+1} = (c_{k+1}/c_k) · (x·cosh b − h·sinh b)
+            = (c_{k+1}/c_k) · ½ [(x − h)·e^{b} + (x + h)·e^{−b}],
 
-where x − h = −c²/(h + x) for x ≥ 0 and x + h = c²/(h − x) for x < 0 (no cancellation). It never
-forms x/c or sinh(z): c may underflow to 0 (A in the thousands), and then the step is the exact
-multiplicative one x·e^{∓b}; near 0 it is additive with rate 2η·c. Parameters are updated in
-their own dtype, computed in float32 at least.
+the first form for |b| ≤ 1, the second beyond with x − h = −c·c/(h + x) for x ≥ 0 and
+x + h = c·c/(h − x) for x < 0 (no cancellation). It never forms x/c or sinh(z): c may underflow
+to 0 (A in the thousands), and then the step is the exact multiplicative one x·e^{∓b}; near 0
+it is additive with rate 2η·c. Parameters are updated in their own dtype, computed in float32 at
+least; where torch.compile works the step is one fused loop (MIRRORPRUNE_COMPILE=0: eager).
 
 Use `param_groups(model, ...)` to flag the prunable weights (`mirror=True`, the same selection as
 `mp.PILoT`); every other parameter gets the base optimizer's plain update with `weight_decay`.
