@@ -90,7 +90,8 @@ def test_powerprop_keeps_the_function_at_init():
 # 0.05 less of ‖x‖₁ outside the largest 10% of the weights (mass90)
 KNOBS = [("l1", "lam", 1e-6, 2e-2, {}), ("l1_m", "lam", 1e-6, 0.3, {}),
          ("spred", "alpha", 1e-5, 0.1, {}), ("pilot", "strength", 0.02, 0.3, {}),
-         ("pilot_opt", "strength", 0.02, 0.3, {}), ("pilot_adamw", "strength", 0.02, 0.3, {}),
+         ("pilot_opt", "strength", 0.02, 0.3, {}),
+         ("pilot_adamw", "strength", 0.02, 1.0, {"lr_factor": 1.0}),
          ("cs", "s_init", 0.5, -0.5, {}), ("powerprop", "a", 1.0, 4.0, {}),
          ("str", "s_init", -6.0, -1.0, {}), ("gmp", "target", 0.3, 0.9, {"every": 1})]
 

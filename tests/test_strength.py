@@ -81,7 +81,7 @@ def test_flow_time_spreads_the_strength_with_the_learning_rate():
         a = [s.A_at(s.tau(k)) for k in range(51)]
         assert a[0] == 0 and a[25] == pytest.approx(2.0) and a[50] == pytest.approx(2.0)
         assert all(x <= y + 1e-15 for x, y in zip(a, a[1:]))  # monotone: off, never negative
-    geo = S.Strength(total=1.0, horizon=100, lr=0.1)
+    geo = S.Strength(total=1.0, horizon=100, lr=0.1, shape="geometric")
     assert geo.alpha(99) == pytest.approx(geo.alpha(0) * 0.01, rel=0.05)  # α decays to 1%
 
 
