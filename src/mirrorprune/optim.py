@@ -229,14 +229,18 @@ class PILoTSGD(_PILoTOptimizer):
         mu = group["momentum"]
         if mu == 0:
             return list(grads)
-        bufs = []
+        bufs, old, old_grads = [], [], []
         for p, g in zip(params, grads):
             st = self.state[p]
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.clone(g).detach()
             else:
-                st["momentum_buffer"].mul_(mu).add_(g, alpha=1 - group["dampening"])
+                old.append(st["momentum_buffer"])
+                old_grads.append(g)
             bufs.append(st["momentum_buffer"])
+        if old:  # as torch's foreach SGD: buf ← μ·buf + (1 − dampening)·g
+            torch._foreach_mul_(old, mu)
+            torch._foreach_add_(old, old_grads, alpha=1 - group["dampening"])
         if group["nesterov"]:
             return torch._foreach_add(grads, bufs, alpha=mu)
         return bufs
