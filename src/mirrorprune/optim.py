@@ -98,6 +98,13 @@ def _fused_step(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ratio: torch.
 _COMPILED: list[Any] = []  # [the compiled _fused_step] once it compiled, [None] if it cannot
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """t's elements, in order, as a 1-d tensor that is not a view: one compiled graph then
+    serves every shape and rank (torch.compile would guard on a view's base shape)."""
+    t = t.contiguous()
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
 def _step_tensor(x: torch.Tensor, b: torch.Tensor, log_c: float, log_c_next: float
                  ) -> torch.Tensor:
     """The step, fused by torch.compile where a compiler is available (one pass over the
@@ -108,9 +115,11 @@ def _step_tensor(x: torch.Tensor, b: torch.Tensor, log_c: float, log_c_next: flo
     fused = _COMPILED[0]
     if fused is not None:
         try:
-            return fused(x, b, torch.tensor(math.exp(log_c), dtype=x.dtype, device=x.device),
-                         torch.tensor(math.exp(log_c_next - log_c), dtype=x.dtype,
-                                      device=x.device))
+            out = fused(_flat(x), _flat(b),
+                        torch.tensor(math.exp(log_c), dtype=x.dtype, device=x.device),
+                        torch.tensor(math.exp(log_c_next - log_c), dtype=x.dtype,
+                                     device=x.device))
+            return out.view(x.shape)
         except Exception:  # noqa: BLE001 - no compiler, unsupported backend: stay eager
             _COMPILED[0] = None
     return mirror_step(x, b, log_c, log_c_next)
