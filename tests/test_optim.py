@@ -255,7 +255,8 @@ def test_compiled_step_equals_the_eager_one(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 50, generator=g) * torch.logspace(-8, 1, 50)
     b = torch.randn(300, 50, generator=g) * 0.8  # both forms (|b| <= 1 and > 1)
-    got = optim._step_tensor(x, b, -3.0, -3.2)
+    got = x.clone()
+    optim.mirror_update_([got], [b / 2], 2.0, -3.0, -3.2)
     if optim._COMPILED[0] is None:
         pytest.skip("torch.compile is not available here: the eager step is used")
     # both float32 evaluations agree with float64 to the rounding of the terms that cancel
@@ -294,3 +295,37 @@ def test_hugging_face_trainer(tmp_path):
     fresh = BertForSequenceClassification(cfg)
     fresh.load_state_dict(pruned.state_dict(), strict=True)
     assert mp.sparsity_report(fresh).sparsity == pytest.approx(0.9, abs=1e-4)
+
+
+def test_compiled_update_of_a_whole_model_equals_the_eager_one(monkeypatch):
+    """The compiled path takes every float32 weight of a group at once (flat, any shape and
+    rank), the eager one each tensor; bf16 and channels_last weights always go eagerly."""
+    from mirrorprune import optim
+
+    def train(compile_: str, layout=torch.contiguous_format):
+        monkeypatch.setenv("MIRRORPRUNE_COMPILE", compile_)
+        monkeypatch.setattr(optim, "_COMPILED", [])
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
+                              nn.Linear(8 * 6 * 6, 10)).to(memory_format=layout)
+        opt = PILoTSGD(param_groups(model), lr=0.05, momentum=0.9,
+                       strength=S.Strength(0.5, horizon=5))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            opt.zero_grad()
+            x = torch.randn(16, 3, 8, 8, generator=g).to(memory_format=layout)
+            nn.functional.cross_entropy(model(x), torch.randint(0, 10, (16,), generator=g)
+                                        ).backward()
+            opt.step()
+        return model, optim._COMPILED[0]
+
+    eager, _ = train("0")
+    compiled, fn = train("1")
+    if fn is None:
+        pytest.skip("torch.compile is not available here: the eager step is used")
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    cl, _ = train("1", torch.channels_last)  # eager per tensor, same numbers, layout kept
+    for a, b in zip(eager.parameters(), cl.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert cl[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -81,48 +81,89 @@ def mirror_step(x: torch.Tensor, b: torch.Tensor, log_c: float | torch.Tensor,
     return out.mul_(ratio)
 
 
+# Taylor coefficients of sinh(b)/b and cosh(b) in t = b², to below float64 rounding for |b| <= 1
+_SINH = tuple(1 / math.factorial(2 * k + 1) for k in range(10))
+_COSH = tuple(1 / math.factorial(2 * k) for k in range(10))
+
+
+def _horner(t: torch.Tensor, coef: tuple[float, ...]) -> torch.Tensor:
+    out = torch.full_like(t, coef[-1])
+    for a in reversed(coef[:-1]):
+        out = out * t + a
+    return out
+
+
 def _fused_step(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ratio: torch.Tensor
                 ) -> torch.Tensor:
     """`mirror_step` without branches (both forms, chosen per element), for torch.compile to
-    fuse into one loop over the weights."""
+    fuse into one loop over the weights. cosh b and sinh b of the |b| <= 1 form are
+    polynomials (exact to rounding, faster than the transcendental functions; the compiled
+    expm1 is not accurate near 0)."""
     h = torch.hypot(x, c)
-    small = x * torch.cosh(b) - h * torch.sinh(b)
+    bs = b.clamp(-1.0, 1.0)
+    t = bs * bs
+    small = x * _horner(t, _COSH) - h * (bs * _horner(t, _SINH))  # x·cosh b − h·sinh b
+    q = c * (c / (h + x.abs()).clamp_min(torch.finfo(x.dtype).tiny))  # h − |x|
     pos = x >= 0
-    tiny = torch.finfo(x.dtype).tiny
-    x_minus_h = torch.where(pos, (c / (h + x).clamp_min(tiny)) * -c, x - h)
-    x_plus_h = torch.where(pos, x + h, (c / (h - x).clamp_min(tiny)) * c)
-    eb = torch.exp(b.clamp(-80.0, 80.0))
-    return torch.where(b.abs() <= 1, small, 0.5 * (x_minus_h * eb + x_plus_h / eb)) * ratio
+    e = torch.exp(b.clamp(-80.0, 80.0))
+    big = 0.5 * (torch.where(pos, -q, x - h) * e + torch.where(pos, x + h, q) / e)
+    return torch.where(b.abs() <= 1, small, big) * ratio
 
 
-_COMPILED: list[Any] = []  # [the compiled _fused_step] once it compiled, [None] if it cannot
+def _fused_update(xs: list[torch.Tensor], ds: list[torch.Tensor], scale: torch.Tensor,
+                  c: torch.Tensor, ratio: torch.Tensor) -> None:
+    """x ← c'·sinh(arcsinh(x/c) − scale·d) in place for every (x, d): compiled, one graph and
+    one guard check per step for all the weights of a group."""
+    for x, d in zip(xs, ds):
+        x.copy_(_fused_step(x, d * scale, c, ratio))
+
+
+_COMPILED: list[Any] = []  # [the compiled _fused_update] once made, [None] if it cannot be
+
+
+def _compiled() -> Any:
+    if not _COMPILED:
+        use = os.environ.get("MIRRORPRUNE_COMPILE", "1") != "0"
+        # static shapes for the first model (2× faster kernels here), dynamic after a change
+        _COMPILED.append(torch.compile(_fused_update) if use else None)
+    return _COMPILED[0]
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """t's elements, in order, as a 1-d tensor that is not a view: one compiled graph then
-    serves every shape and rank (torch.compile would guard on a view's base shape)."""
-    t = t.contiguous()
+    """A contiguous t's elements as a 1-d tensor sharing its memory that is not a view: one
+    compiled graph then serves every shape and rank (torch.compile guards on a view's base)."""
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
 
-def _step_tensor(x: torch.Tensor, b: torch.Tensor, log_c: float, log_c_next: float
-                 ) -> torch.Tensor:
-    """The step, fused by torch.compile where a compiler is available (one pass over the
-    weights instead of about ten), else `mirror_step`; MIRRORPRUNE_COMPILE=0 turns it off."""
-    if not _COMPILED:
-        use = os.environ.get("MIRRORPRUNE_COMPILE", "1") != "0"
-        _COMPILED.append(torch.compile(_fused_step, dynamic=True) if use else None)
-    fused = _COMPILED[0]
-    if fused is not None:
+def mirror_update_(params: list[torch.Tensor], directions: list[torch.Tensor], scale: float,
+                   log_c: float, log_c_next: float) -> None:
+    """Every p ← c'·sinh(arcsinh(p/c) − scale·d) in place (c = e^{log_c}, c' = e^{log_c_next}).
+    float32/float64 contiguous weights go through one compiled update per (device, dtype) where
+    torch.compile works (about ten passes over the weights fused into one;
+    MIRRORPRUNE_COMPILE=0: off); others (bf16, channels_last, no compiler) through
+    `mirror_step`, computed in float32 at least."""
+    fused = _compiled()
+    batches: dict[tuple, tuple[list, list]] = {}
+    rest = []
+    for p, d in zip(params, directions):
+        if (fused is not None and p.dtype in (torch.float32, torch.float64)
+                and d.dtype == p.dtype and p.is_contiguous() and d.is_contiguous()):
+            xs, ds = batches.setdefault((p.device, p.dtype), ([], []))
+            xs.append(p)
+            ds.append(d)
+        else:
+            rest.append((p, d))
+    for (dev, dtype), (xs, ds) in batches.items():
         try:
-            out = fused(_flat(x), _flat(b),
-                        torch.tensor(math.exp(log_c), dtype=x.dtype, device=x.device),
-                        torch.tensor(math.exp(log_c_next - log_c), dtype=x.dtype,
-                                     device=x.device))
-            return out.view(x.shape)
+            fused([_flat(x) for x in xs], [_flat(d) for d in ds],
+                  *(torch.tensor(v, dtype=dtype, device=dev) for v in
+                    (scale, math.exp(log_c), math.exp(log_c_next - log_c))))
         except Exception:  # noqa: BLE001 - no compiler, unsupported backend: stay eager
             _COMPILED[0] = None
-    return mirror_step(x, b, log_c, log_c_next)
+            rest += list(zip(xs, ds))
+    for p, d in rest:
+        work = torch.promote_types(p.dtype, torch.float32)
+        p.copy_(mirror_step(p.to(work), d.to(work) * scale, log_c, log_c_next))
 
 
 class _PILoTOptimizer(torch.optim.Optimizer):
@@ -162,11 +203,7 @@ class _PILoTOptimizer(torch.optim.Optimizer):
     def _mirror_update(self, group: dict[str, Any], params: list[torch.Tensor],
                        directions: list[torch.Tensor]) -> None:
         log_c, log_c_next = self._strength_step(group)
-        for p, d in zip(params, directions):
-            work = torch.promote_types(p.dtype, torch.float32)
-            x = p.to(work)
-            b = d.to(work) * (2 * group["lr"])
-            p.copy_(_step_tensor(x, b, log_c, log_c_next))
+        mirror_update_(params, directions, 2 * group["lr"], log_c, log_c_next)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
