@@ -124,8 +124,9 @@ _COMPILED: list[Any] = []  # [the compiled _fused_update] once made, [None] if i
 def _compiled() -> Any:
     if not _COMPILED:
         use = os.environ.get("MIRRORPRUNE_COMPILE", "1") != "0"
-        # static shapes for the first model (2× faster kernels here), dynamic after a change
-        _COMPILED.append(torch.compile(_fused_update) if use else None)
+        # static shapes: kernels 2× faster than dynamic ones here; one graph per model (per
+        # set of weight shapes), up to dynamo's recompile limit, beyond which it runs eagerly
+        _COMPILED.append(torch.compile(_fused_update, dynamic=False) if use else None)
     return _COMPILED[0]
 
 
