@@ -1,6 +1,7 @@
 import csv
 
 import pytest
+import torch
 
 from mirrorprune.cli import main
 from mirrorprune.experiments import oneshot
@@ -78,3 +79,23 @@ def test_folders_of_the_first_release_can_be_extended(tmp_path):
     assert prev["methods"]["pilot"] == {"seeds": 3, "hparams": {}}
     assert list(prev["methods"]) == json.loads((committed / "config.json").read_text()
                                                )["oneshot"]["methods"]
+
+
+def test_cpu_full_preset_trains_without_the_validation_split(monkeypatch):
+    from mirrorprune.experiments import common
+    from test_methods import _tiny_data
+
+    full = {"train": _tiny_data(100), "test": _tiny_data(40, seed=1)}
+    monkeypatch.setattr(common, "load", lambda name, split, data_dir=None: full[split])
+    p = common.preset("cpu-full", "cifar10", "resnet20")
+    assert (p["train"].precision, p["train"].channels_last) == ("bf16", True)
+    tr, te = common.load_data("cifar10", p)
+    tr_v, val = common.load_data("cifar10", p, validation=common.VALIDATION)
+    # the table's runs train on exactly the examples tuning trained on; the test set is whole
+    assert torch.equal(tr.x, tr_v.x) and len(tr) == 90 and len(val) == 10 and len(te) == 40
+    with pytest.raises(ValueError, match="cpu-full is for cifar10"):
+        common.preset("cpu-full", "mnist", "lenet_300_100")
+    cfg = common.DataConfig(dataset="cifar10", model="resnet20", preset="cpu-full",
+                            precision="fp32")
+    assert (cfg.budget(0).precision, cfg.budget(0).channels_last, cfg.budget(0, 3).epochs) == (
+        "fp32", True, 3)

@@ -30,7 +30,7 @@ import struct
 import tarfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,11 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: str | torch.device) -> ImageData:
+        """The same data held on `device` (still uint8: a GPU then crops, flips and normalizes
+        its batches itself; the random draws stay on the CPU, so they match any device)."""
+        return replace(self, x=self.x.to(device), y=self.y.to(device))
+
     def subset(self, n: int, seed: int = 0) -> ImageData:
         """A fixed class-balanced subset of n examples (for CPU budgets)."""
         if n >= len(self):
@@ -100,9 +105,11 @@ class ImageData:
         `seed`, so an epoch can be replayed exactly (resume)."""
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
+        dev = self.x.device
+        order = order.to(dev)
         aug = self.augment if augment is None else augment
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=dev).view(1, -1, 1, 1)
         for i in range(0, len(self), batch_size):
             idx = order[i : i + batch_size]
             xb = self.x[idx]
@@ -114,15 +121,17 @@ class ImageData:
 def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop after zero padding, and random horizontal flip, per image, vectorized."""
     B, C, H, W = x.shape
+    dev = x.device
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(W))[:, None, None, :]
-    flip = torch.rand(B, generator=g) < 0.5
+    # drawn on the CPU (`g`), used where the images are
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g).to(dev)
+    flip = (torch.rand(B, generator=g) < 0.5).to(dev)
+    rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]
     cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
-    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None],
-                  rows, cols]
+    return padded[torch.arange(B, device=dev)[:, None, None, None],
+                  torch.arange(C, device=dev)[None, :, None, None], rows, cols]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..files import write_json, write_rows
 from ..methods import METHODS
 from ..provenance import provenance
-from .common import DataConfig, load_data, preset
+from .common import VALIDATION, DataConfig, load_data, preset
 from .oneshot import OneshotConfig, check_runs, run_one
 
 
@@ -42,7 +42,7 @@ class TuneConfig(DataConfig):
     epochs: int | None = option(None, "override the preset's epochs")
     levels: tuple[float, ...] = option((0.9, 0.95, 0.98), "sparsities whose mean validation "
                                        "accuracy is maximized, comma-separated")
-    val_fraction: float = option(0.1, "the last fraction of the training set held out for "
+    val_fraction: float = option(VALIDATION, "the last fraction of the training set held out for "
                                  "validation")
     exclude: tuple[str, ...] = option((), "module names (globs) kept dense", repeat=True)
     workers: int = option(1, "grid values trained at once, each in a process of its own (one "
@@ -68,7 +68,9 @@ class TuneConfig(DataConfig):
         key, _ = self.parsed_grid()
         hp = {**self.hparams.get(self.method, {}), key: value}
         return OneshotConfig(dataset=self.dataset, model=self.model, preset=self.preset,
-                             data_dir=self.data_dir, methods=(self.method,), seeds=self.seeds,
+                             data_dir=self.data_dir, precision=self.precision,
+                             channels_last=self.channels_last, compile=self.compile,
+                             methods=(self.method,), seeds=self.seeds,
                              hparams={self.method: hp}, epochs=self.epochs,
                              exclude=self.exclude)
 
@@ -140,6 +142,9 @@ def _train_in_parallel(cfg: TuneConfig, out: Path, key: str, values: list[Any],
             "--method", cfg.method, "--seeds", str(cfg.seeds),
             "--levels", ",".join(map(str, cfg.levels)), "--val-fraction", str(cfg.val_fraction),
             *(["--data-dir", cfg.data_dir] if cfg.data_dir else []),
+            *(["--precision", cfg.precision] if cfg.precision else []),
+            *(["--channels-last"] if cfg.channels_last else []),
+            *(["--compile"] if cfg.compile else []),
             *(["--epochs", str(cfg.epochs)] if cfg.epochs is not None else []),
             *(f"--exclude={g}" for g in cfg.exclude), *(["--resume"] if resume else []),
             *(f"--hp={cfg.method}.{k}={v!r}" for k, v in cfg.hparams.get(cfg.method, {}).items())]
