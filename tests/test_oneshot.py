@@ -99,3 +99,25 @@ def test_cpu_full_preset_trains_without_the_validation_split(monkeypatch):
                             precision="fp32")
     assert (cfg.budget(0).precision, cfg.budget(0).channels_last, cfg.budget(0, 3).epochs) == (
         "fp32", True, 3)
+
+
+def test_parallel_runs_equal_sequential_ones(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the 2 workers gets on a 2-core machine: same sums
+    try:
+        args = ["oneshot", "--dataset", "digits", "--model", "lenet_300_100", "--methods",
+                "dense,pilot", "--seeds", "2", "--epochs", "2", "--quiet"]
+        assert main([*args, "--out", str(tmp_path / "seq")]) == 0
+        assert main([*args, "--parallel", "3", "--out", str(tmp_path / "par")]) == 0
+        tune = ["tune", "--dataset", "digits", "--model", "lenet_300_100", "--method", "l1",
+                "--grid", "lam=1e-4,1e-3", "--epochs", "2", "--quiet"]
+        assert main([*tune, "--out", str(tmp_path / "tseq")]) == 0
+        assert main([*tune, "--parallel", "2", "--out", str(tmp_path / "tpar")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in (("seq", "par"), ("tseq", "tpar")):
+        name = "oneshot.csv" if a == "seq" else "tune.csv"
+        assert (tmp_path / a / name).read_text() == (tmp_path / b / name).read_text()
+    assert (tmp_path / "par" / "runs" / "pilot" / "seed1" / "sweep.json").exists()
+    assert main(["oneshot", "--parallel", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--parallel must be >= 1" in capsys.readouterr().err

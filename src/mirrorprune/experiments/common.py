@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from ..config import option
 from ..data import DATASETS, SHAPES, ImageData, load, locate
+from ..distributed import rank_world
 from ..errors import UsageError
 from ..files import read_rows, save_figure
 from ..methods import METHODS, Method, create_method
@@ -127,6 +128,8 @@ class MethodsConfig(DataConfig):
 
     per_method: ClassVar[tuple[str, ...]] = ()  # options, besides these, that may differ
 
+    parallel: int = option(1, "runs (method × seed) trained at once, each in a process of its "
+                           "own: the CPU's threads are divided between them, a GPU is shared")
     methods: tuple[str, ...] = option(("dense", "pilot"),
                                       f"comma-separated, from: {','.join(METHODS)}")
     seeds: int = option(3, "seeds per method (0, 1, ...)")
@@ -138,11 +141,12 @@ class MethodsConfig(DataConfig):
 
     def validate(self) -> None:
         check_options(self.methods, self.hparams, self.seeds, self.epochs)
+        check_parallel(self.parallel)
         preset(self.preset, self.dataset, self.model)
 
     def shared(self) -> dict[str, Any]:
         """The settings every method of one output folder must share."""
-        per_method = ("methods", "seeds", "hparams", "data_dir", *self.per_method)
+        per_method = ("methods", "seeds", "hparams", "data_dir", "parallel", *self.per_method)
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in per_method}
 
     def train_config(self, seed: int) -> TrainConfig:
@@ -165,6 +169,13 @@ def check_out(out: Path) -> None:
     except OSError as e:
         raise UsageError(f"--out {out} cannot be written ({p}: {e.strerror or e}); choose a "
                          "folder you can write to") from None
+
+
+def check_parallel(parallel: int) -> None:
+    if parallel < 1:
+        raise UsageError(f"--parallel must be >= 1, got {parallel}")
+    if parallel > 1 and rank_world()[1] > 1:
+        raise UsageError("--parallel runs processes of its own; under torchrun leave it at 1")
 
 
 def check_options(methods: tuple[str, ...], hparams: dict[str, dict[str, Any]], seeds: int,
