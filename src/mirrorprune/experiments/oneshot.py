@@ -180,12 +180,12 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     out = Path(out)
     previous = previous_config(out, "oneshot.csv", cfg.shared(), "oneshot")
     check_runs(cfg, out, resume)
+    p = preset(cfg.preset, cfg.dataset, cfg.model)
+    tr, te = load_data(cfg.dataset, p, cfg.data_dir)  # first: the workers find it decoded
     if cfg.parallel > 1:
         run_many([(cfg, m, seed, out) for seed in range(cfg.seeds) for m in cfg.methods],
                  cfg.parallel, resume)
         resume = True  # the finished runs are read below
-    p = preset(cfg.preset, cfg.dataset, cfg.model)
-    tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     rows = []
     for seed in range(cfg.seeds):
         for m in cfg.methods:

@@ -95,13 +95,13 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     key, values = cfg.parsed_grid()
     for v in values:  # everything checkable before loading data or writing a file
         check_runs(cfg.one(v), out / f"{key}={v}", resume)
-    if cfg.parallel > 1:
+    p = preset(cfg.preset, cfg.dataset, cfg.model)
+    tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
+    if cfg.parallel > 1:  # after loading: the workers find the data decoded
         run_many([(cfg.one(v), cfg.method, seed, out / f"{key}={v}") for v in values
                   for seed in range(cfg.seeds)], cfg.parallel, resume,
                  validation=cfg.val_fraction, sparsities=cfg.levels)
         resume = True  # the finished runs are read below
-    p = preset(cfg.preset, cfg.dataset, cfg.model)
-    tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
     rows = []
     for v in values:
         for seed in range(cfg.seeds):
