@@ -231,6 +231,8 @@ def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: 
         raise UsageError(f"batch_size {cfg.batch_size} is smaller than the number of processes "
                          f"{world}: each needs at least one example per step")
     dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest convolutions
+        torch.backends.cudnn.benchmark = True
     model.to(dev)
     method.check_lr(cfg.lr * lr_scale)
     out = Path(out_dir) if out_dir is not None else None
