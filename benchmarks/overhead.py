@@ -20,6 +20,7 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -115,20 +116,31 @@ def _sync(device: str) -> None:
 VARIANTS = ("dense", "pilot", "pilot_opt")
 
 
-def time_case(case: str, device: str, rounds: int, steps: int) -> dict:
-    runs = {v: setup(case, v, device) for v in VARIANTS}
-    for r in runs.values():  # warm-up (allocator, kernels, optimizer state, compilation)
-        for _ in range(3):
-            step(*r)
+def interleave(fns: dict[str, Callable[[], object]], rounds: int, steps: int, device: str,
+               warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each function, per round: after `warmup` calls each (allocator,
+    kernels, optimizer state, compilation), `rounds` rounds of `steps` calls of every function,
+    the order rotated each round so that machine noise hits all alike."""
+    names = list(fns)
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
     _sync(device)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in names}
     for i in range(rounds):
-        for v in (VARIANTS[i % 3:] + VARIANTS[:i % 3]):  # rotate the order every round
+        for v in names[i % len(names):] + names[:i % len(names)]:
             t = time.perf_counter()
             for _ in range(steps):
-                step(*runs[v])
+                fns[v]()
             _sync(device)
             times[v].append((time.perf_counter() - t) / steps)
+    return times
+
+
+def time_case(case: str, device: str, rounds: int, steps: int) -> dict:
+    runs = {v: setup(case, v, device) for v in VARIANTS}
+    times = interleave({v: (lambda r=r: step(*r)) for v, r in runs.items()}, rounds, steps,
+                       device)
     weights = mp.optim.param_groups(runs["dense"][0])[0]["params"]  # the prunable weights
     copy = sum(p.numel() * p.element_size() for p in weights)
     state = {v: state_bytes(runs[v][0], runs[v][1]) for v in VARIANTS}

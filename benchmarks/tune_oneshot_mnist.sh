@@ -10,15 +10,15 @@
 # s_init, Powerprop's exponent, GMP's target). Each `tune` trains one seed per value with the
 # `cpu` preset (15 epochs, batch 128) and picks the best mean validation accuracy at 90/95/98%.
 # PILoT (both forms) uses the default shape (benchmarks/results/strength_transfer/choice.json);
-# PILoTAdamW (experimental) its default lr_factor 0.1. JOBS tunes at a time, each training WORKERS
-# grid values at once (defaults 1 and 2; one thread per process); MIRRORPRUNE is the command.
+# PILoTAdamW (experimental) its default lr_factor 0.1. JOBS tunes at a time, each training
+# PARALLEL runs at once (defaults 1 and 2), and the table PARALLEL runs at once; MIRRORPRUNE is
+# the command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/oneshot-mnist}
 MP=${MIRRORPRUNE:-.venv/bin/mirrorprune}
 JOBS=${JOBS:-1}
-WORKERS=${WORKERS:-2}
-export OMP_NUM_THREADS=1
+PARALLEL=${PARALLEL:-2}
 METHODS="dense l1 l1_m spred pilot pilot_opt pilot_adamw cs powerprop str gmp"
 sqrt2() { python3 -c "print(','.join(f'{$1 * 2 ** (k / 2):.4g}' for k in range($2)))"; }
 times2() { python3 -c "print(','.join(f'{$1 * 2 ** k:.4g}' for k in range($2)))"; }
@@ -35,14 +35,8 @@ str s_init=-4,-3,-2.5,-2,-1.75,-1.5
 gmp target=0.8,0.9,0.95,0.98"
 COMMON="--dataset mnist --model lenet_300_100 --preset cpu --resume --quiet ${EPOCHS:+--epochs $EPOCHS}"
 echo "$GRIDS" | xargs -P "$JOBS" -L 1 sh -c \
-  "$MP tune $COMMON --workers $WORKERS --method \$0 --grid \$1 \$2 --out $OUT/tune/\$0 > /dev/null \
+  "$MP tune $COMMON --parallel $PARALLEL --method \$0 --grid \$1 \$2 --out $OUT/tune/\$0 > /dev/null \
    && echo tuned \$0"
 HPFROM=$(for f in "$OUT"/tune/*/tune.json; do printf -- '--hp-from %s ' "$f"; done)
-# the table: each method's seeds in a process of its own, then one invocation with every method
-# reuses those finished runs and writes oneshot.csv/.md/.png
-for m in $METHODS; do echo "$m"; done | xargs -P "${TABLE_JOBS:-$JOBS}" -I{} sh -c \
-  "$MP oneshot $COMMON --seeds 3 --methods {} $HPFROM --out $OUT/by-method/{} > /dev/null \
-   && rm -rf $OUT/runs/{} && mkdir -p $OUT/runs && cp -r $OUT/by-method/{}/runs/{} $OUT/runs/ \
-   && echo trained {}"
-$MP oneshot $COMMON --seeds 3 --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM --out "$OUT"
-rm -rf "$OUT/by-method"
+$MP oneshot $COMMON --seeds 3 --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \
+  --parallel "$PARALLEL" --out "$OUT"

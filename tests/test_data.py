@@ -98,10 +98,11 @@ def test_batches_normalize_augment_and_replay():
     assert xb.dtype == torch.float32 and xb.shape == (64, 1, 8, 8)
     xb2, _ = next(d.batches(64, shuffle=True, seed=3))
     assert torch.equal(xb, xb2)  # an epoch replays exactly from its seed
-    g = torch.Generator().manual_seed(0)
     img = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).view(2, 3, 6, 6)
-    out = data.crop_flip(img, g, pad=2)
-    assert out.shape == img.shape
+    # image 0: shifted down 1 and right 2 (zero padding enters at the top); image 1: flipped
+    out = data.crop_flip(img, torch.tensor([[1, 2], [2, 2], [0, 1]]), pad=2)
+    assert torch.equal(out[0, :, 1:, :], img[0, :, :5, :]) and (out[0, :, 0] == 0).all()
+    assert torch.equal(out[1], img[1].flip(-1))
     sub = d.subset(100)
     assert len(sub) == 100 and torch.bincount(sub.y).tolist() == [10] * 10
 

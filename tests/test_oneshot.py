@@ -1,6 +1,7 @@
 import csv
 
 import pytest
+import torch
 
 from mirrorprune.cli import main
 from mirrorprune.experiments import oneshot
@@ -78,3 +79,45 @@ def test_folders_of_the_first_release_can_be_extended(tmp_path):
     assert prev["methods"]["pilot"] == {"seeds": 3, "hparams": {}}
     assert list(prev["methods"]) == json.loads((committed / "config.json").read_text()
                                                )["oneshot"]["methods"]
+
+
+def test_cpu_full_preset_trains_without_the_validation_split(monkeypatch):
+    from mirrorprune.experiments import common
+    from test_methods import _tiny_data
+
+    full = {"train": _tiny_data(100), "test": _tiny_data(40, seed=1)}
+    monkeypatch.setattr(common, "load", lambda name, split, data_dir=None: full[split])
+    p = common.preset("cpu-full", "cifar10", "resnet20")
+    assert (p["train"].precision, p["train"].channels_last) == ("bf16", True)
+    tr, te = common.load_data("cifar10", p)
+    tr_v, val = common.load_data("cifar10", p, validation=common.VALIDATION)
+    # the table's runs train on exactly the examples tuning trained on; the test set is whole
+    assert torch.equal(tr.x, tr_v.x) and len(tr) == 90 and len(val) == 10 and len(te) == 40
+    with pytest.raises(ValueError, match="cpu-full is for cifar10"):
+        common.preset("cpu-full", "mnist", "lenet_300_100")
+    cfg = common.DataConfig(dataset="cifar10", model="resnet20", preset="cpu-full",
+                            precision="fp32")
+    assert (cfg.budget(0).precision, cfg.budget(0).channels_last, cfg.budget(0, 3).epochs) == (
+        "fp32", True, 3)
+
+
+def test_parallel_runs_equal_sequential_ones(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the 2 workers gets on a 2-core machine: same sums
+    try:
+        args = ["oneshot", "--dataset", "digits", "--model", "lenet_300_100", "--methods",
+                "dense,pilot", "--seeds", "2", "--epochs", "2", "--quiet"]
+        assert main([*args, "--out", str(tmp_path / "seq")]) == 0
+        assert main([*args, "--parallel", "3", "--out", str(tmp_path / "par")]) == 0
+        tune = ["tune", "--dataset", "digits", "--model", "lenet_300_100", "--method", "l1",
+                "--grid", "lam=1e-4,1e-3", "--epochs", "2", "--quiet"]
+        assert main([*tune, "--out", str(tmp_path / "tseq")]) == 0
+        assert main([*tune, "--parallel", "2", "--out", str(tmp_path / "tpar")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in (("seq", "par"), ("tseq", "tpar")):
+        name = "oneshot.csv" if a == "seq" else "tune.csv"
+        assert (tmp_path / a / name).read_text() == (tmp_path / b / name).read_text()
+    assert (tmp_path / "par" / "runs" / "pilot" / "seed1" / "sweep.json").exists()
+    assert main(["oneshot", "--parallel", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--parallel must be >= 1" in capsys.readouterr().err

@@ -30,7 +30,7 @@ import struct
 import tarfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,11 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: str | torch.device) -> ImageData:
+        """The same data held on `device` (still uint8: a GPU then crops, flips and normalizes
+        its batches itself; the random draws stay on the CPU, so they match any device)."""
+        return replace(self, x=self.x.to(device), y=self.y.to(device))
+
     def subset(self, n: int, seed: int = 0) -> ImageData:
         """A fixed class-balanced subset of n examples (for CPU budgets)."""
         if n >= len(self):
@@ -97,32 +102,50 @@ class ImageData:
         self, batch_size: int, shuffle: bool = False, seed: int = 0, augment: bool | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalized float batches; with shuffle, the order and augmentation depend only on
-        `seed`, so an epoch can be replayed exactly (resume)."""
+        `seed`, so an epoch can be replayed exactly (resume). Everything random is drawn on
+        the CPU before the first batch and sent to the data's device once, so that no batch
+        waits for a host-to-device copy."""
         g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
+        n = len(self)
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
         aug = self.augment if augment is None else augment
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        for i in range(0, len(self), batch_size):
+        # per batch (dy, dx, flip) in the order the batches draw them, stacked as (3, n)
+        draws = (torch.cat([crop_flip_draws(len(order[i:i + batch_size]), g)
+                            for i in range(0, n, batch_size)], 1) if aug else None)
+        dev = self.x.device
+        order = order.to(dev)
+        draws = draws.to(dev) if draws is not None else None
+        mean = torch.tensor(self.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=dev).view(1, -1, 1, 1)
+        for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
             xb = self.x[idx]
-            if aug:
-                xb = crop_flip(xb, g)
+            if draws is not None:
+                xb = crop_flip(xb, draws[:, i : i + batch_size])
             yield (xb.float().div_(255) - mean) / std, self.y[idx]
 
 
-def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding, and random horizontal flip, per image, vectorized."""
+def crop_flip_draws(batch: int, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """(3, batch) int64 on the CPU: each image's crop offsets dy, dx in [0, 2·pad] and whether
+    it is flipped."""
+    dy = torch.randint(0, 2 * pad + 1, (batch,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (batch,), generator=g)
+    flip = torch.rand(batch, generator=g) < 0.5
+    return torch.stack([dy, dx, flip.long()])
+
+
+def crop_flip(x: torch.Tensor, draws: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding, and random horizontal flip, per image, vectorized;
+    `draws` from `crop_flip_draws`, on x's device."""
     B, C, H, W = x.shape
+    dev = x.device
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(W))[:, None, None, :]
-    flip = torch.rand(B, generator=g) < 0.5
-    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
-    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None],
-                  rows, cols]
+    dy, dx, flip = draws
+    rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]
+    cols = torch.where(flip.bool()[:, None, None, None], cols.flip(-1), cols)
+    return padded[torch.arange(B, device=dev)[:, None, None, None],
+                  torch.arange(C, device=dev)[None, :, None, None], rows, cols]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,9 +43,10 @@ from .files import load_torch, save_torch, write_json, write_rows, write_text
 from .methods import Method
 from .provenance import provenance
 
-__all__ = ["OPTIMIZERS", "Run", "TrainConfig", "check_resume", "default_device", "evaluate",
-           "finish_epoch", "init_distributed", "is_main", "recalibrate_bn", "restore",
-           "run_config", "setup", "train", "train_epoch", "train_step"]
+__all__ = ["OPTIMIZERS", "PRECISIONS", "Run", "TrainConfig", "check_resume", "default_device",
+           "evaluate", "finish_epoch", "init_distributed", "is_main", "model_format",
+           "recalibrate_bn", "restore", "run_config", "setup", "to_input", "train",
+           "train_epoch", "train_step"]
 
 
 @dataclass
@@ -62,6 +63,12 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 1000
     optimizer: str = "sgd"  # a name in OPTIMIZERS
+    # speed: bf16 autocasts forward and loss (weights, gradients and optimizer state stay
+    # fp32); channels_last stores conv weights and inputs as NHWC; compile wraps the model in
+    # torch.compile for training (the checkpoint holds the plain model)
+    precision: str = "fp32"  # a name in PRECISIONS
+    channels_last: bool = False
+    compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # recorded, not interpreted (e.g. method)
 
     def validate(self) -> None:
@@ -73,6 +80,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of "
                              f"{', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; choose one of "
+                             f"{', '.join(PRECISIONS)}")
         if self.lr_schedule not in ("cosine", "step", "constant"):
             raise UsageError(f"lr_schedule must be cosine, step or constant, got "
                              f"{self.lr_schedule!r}")
@@ -87,6 +97,10 @@ class TrainConfig:
         if self.lr_schedule == "step":
             return self.lr * self.gamma ** sum(frac >= m for m in self.milestones)
         return self.lr
+
+
+#: Autocast dtypes by name (None: no autocast).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 #: Optimizers by name: (parameter groups, config) -> optimizer. Each group carries its own
@@ -120,6 +134,17 @@ class Run:
     step: int = 0  # optimizer steps taken
 
     @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+
+    @property
+    def finite_every(self) -> int:
+        """Steps between checks that the loss is finite: every step on CPU, where the check is
+        free; on accelerators every 50th (of the running sum), so steps never wait for the
+        host — a non-finite loss then stops the run at most 49 steps later."""
+        return 1 if self.device.type == "cpu" else 50
+
+    @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.epochs
 
@@ -128,16 +153,35 @@ class Run:
         return self.out / "checkpoint.pt" if self.out else None
 
 
+def to_input(x: torch.Tensor, device: torch.device, memory_format: torch.memory_format
+             ) -> torch.Tensor:
+    """A batch on `device`, images (4-d) in `memory_format`."""
+    if x.dim() == 4:
+        return x.to(device, memory_format=memory_format, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
+def model_format(model: nn.Module) -> torch.memory_format:
+    """channels_last if the model's conv weights are stored so (inputs should match)."""
+    for p in model.parameters():
+        if p.dim() == 4 and not p.is_contiguous():
+            return (torch.channels_last if p.is_contiguous(memory_format=torch.channels_last)
+                    else torch.contiguous_format)
+    return torch.contiguous_format
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in eval mode."""
+    """Top-1 accuracy in eval mode (in float32, whatever the training precision)."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    correct = sum(int((model(x.to(dev)).argmax(1) == y.to(dev)).sum())
-                  for x, y in data.batches(batch_size))
+    fmt = model_format(model)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    for x, y in data.batches(batch_size):
+        correct += (model(to_input(x, dev, fmt)).argmax(1) == y.to(dev)).sum()
     model.train(was)
-    return correct / len(data)
+    return int(correct) / len(data)
 
 
 def train(
@@ -166,6 +210,9 @@ def train(
     """
     run = setup(model, method, len(train_data), train_data.name, cfg, out_dir, resume,
                 lr_scale, device, callbacks)
+    if run.device.type != "cpu":  # uint8 images on the accelerator: batches are made there
+        train_data = train_data.to(run.device)
+        test_data = test_data.to(run.device) if test_data is not None else None
     for epoch in range(run.start, cfg.epochs):
         t0 = time.time()
         row = train_epoch(run, train_data, epoch, progress)
@@ -184,6 +231,8 @@ def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: 
         raise UsageError(f"batch_size {cfg.batch_size} is smaller than the number of processes "
                          f"{world}: each needs at least one example per step")
     dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest convolutions
+        torch.backends.cudnn.benchmark = True
     model.to(dev)
     method.check_lr(cfg.lr * lr_scale)
     out = Path(out_dir) if out_dir is not None else None
@@ -194,6 +243,8 @@ def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: 
                   lambda k: cfg.lr_at(k, run.total_steps, run.steps_per_epoch) * lr_scale)
     for cb in callbacks:
         cb.on_train_start(run)
+    if cfg.channels_last:  # after attach (its m and w are 4-d too), before the optimizer
+        model.to(memory_format=torch.channels_last)
     groups = method.param_groups(cfg.weight_decay)
     run.optimizer = (method.make_optimizer(groups, cfg.lr, cfg.momentum)
                      or OPTIMIZERS[cfg.optimizer](groups, cfg))
@@ -210,6 +261,8 @@ def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: 
         # the ranks, so none starts before every rank has read the checkpoint
         run.net = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        run.net = torch.compile(run.net)
     run.step = run.start * run.steps_per_epoch
     model.train()
     return run
@@ -219,19 +272,25 @@ def train_epoch(run: Run, data: ImageData, epoch: int, progress: bool) -> dict:
     """One epoch of steps; returns the start of its log row (epoch, lr, train loss/accuracy)."""
     cfg = run.cfg
     run.method.start_epoch(epoch)
-    loss_sum, correct, seen = 0.0, 0, 0
+    # summed on the device: no step waits for the host
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
+    seen = 0
     batches = data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
     bar = tqdm(batches, total=run.steps_per_epoch, disable=not (progress and run.rank == 0),
                desc=f"{run.method.name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                mininterval=1)
-    for x, y in bar:
+    for i, (x, y) in enumerate(bar):
         lr = (cfg.lr_at(run.step, run.total_steps, run.steps_per_epoch) * run.lr_scale
               * run.method.lr_factor)
         loss, right, n = train_step(run, x, y, lr, epoch)
         loss_sum += loss * n
         correct += right
         seen += n
-    loss_sum, correct, seen = sum_over_ranks([loss_sum, correct, seen], run.world)
+        if run.finite_every > 1 and (i + 1) % run.finite_every == 0:
+            _check_finite(loss_sum, run, epoch)
+    _check_finite(loss_sum, run, epoch)
+    loss_sum, correct, seen = sum_over_ranks([loss_sum.item(), int(correct), seen], run.world)
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         # e.g. a parameter the loss does not see: never checkpoint it
         raise FloatingPointError(_nonfinite_message(torch.tensor(loss_sum), run, epoch))
@@ -240,24 +299,27 @@ def train_epoch(run: Run, data: ImageData, epoch: int, progress: bool) -> dict:
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, lr: float, epoch: int
-               ) -> tuple[float, int, int]:
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimizer step on this rank's share of the global batch (x, y); returns (the mean
-    data loss, correct predictions, examples) of that share."""
+    data loss, correct predictions) of that share as tensors on the device (reading them
+    waits for the step), and its number of examples."""
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
     n_global = len(y)
-    x = x.chunk(run.world)[run.rank].to(run.device)
-    y = y.chunk(run.world)[run.rank].to(run.device)
-    logits = run.net(x)
-    loss = nn.functional.cross_entropy(logits, y)
+    x = to_input(x.chunk(run.world)[run.rank], run.device, run.memory_format)
+    y = y.chunk(run.world)[run.rank].to(run.device, non_blocking=True)
+    dtype = PRECISIONS[run.cfg.precision]
+    with torch.autocast(run.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = run.net(x)
+        loss = nn.functional.cross_entropy(logits, y)
     # DDP averages gradients over ranks: weight each rank's mean by its share of the
     # global batch, so the result is the global batch's mean gradient
     data_loss = loss * (len(y) * run.world / n_global) if run.world > 1 else loss
     pen = run.method.penalty()
     full = data_loss + pen if pen is not None else data_loss
-    if not all_finite(full, run.world):
-        raise FloatingPointError(_nonfinite_message(full, run, epoch))
+    if run.finite_every == 1:
+        _check_finite(full, run, epoch)
     full.backward()
     run.method.before_step(lr)
     run.optimizer.step()
@@ -265,7 +327,12 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, lr: float, epoch: int
     for cb in run.callbacks:
         cb.on_step_end(run)
     run.step += 1
-    return loss.item(), int((logits.argmax(1) == y).sum()), len(y)
+    return loss.detach(), (logits.argmax(1) == y).sum(), len(y)
+
+
+def _check_finite(loss: torch.Tensor, run: Run, epoch: int) -> None:
+    if not all_finite(loss, run.world):
+        raise FloatingPointError(_nonfinite_message(loss, run, epoch))
 
 
 def finish_epoch(run: Run, test_data: ImageData | None, epoch: int, row: dict, t0: float,

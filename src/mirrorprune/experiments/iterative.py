@@ -39,7 +39,7 @@ from ..methods import Method, PilotMethod
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report, unique_weights
-from ..train import TrainConfig, train
+from ..train import train
 from .common import DataConfig, check_methods, check_out, load_data, plot_curves, preset
 
 
@@ -111,7 +111,7 @@ def _read_state(path: Path, cfg: IterativeConfig) -> dict | None:
 def run_seed(cfg: IterativeConfig, seed: int, out: Path, progress: bool, tr: ImageData,
              te: ImageData) -> list[dict]:
     p = preset(cfg.preset, cfg.dataset, cfg.model)
-    tcfg = TrainConfig(**{**asdict(p["train"]), "epochs": cfg.epochs, "seed": seed})
+    tcfg = cfg.budget(seed, cfg.epochs)
     scale = p["lr_scale_mw"] if cfg.pilot else 1.0
     sdir = out / cfg.variant / f"seed{seed}"
     sdir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,6 +91,30 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     return rows
 
 
+def run_many(jobs: list[tuple[OneshotConfig, str, int, Path]], parallel: int, resume: bool,
+             validation: float | None = None,
+             sparsities: tuple[float, ...] | None = None) -> None:
+    """`run_one` for each (config, method, seed, out), `parallel` at a time, each in a spawned
+    process of its own with its share of the CPU's threads (a GPU is shared). Each writes only
+    its own run folder; the caller then reads the finished runs (resume=True). A worker's
+    error (UsageError, non-finite loss, ...) is raised here."""
+    threads = max(1, torch.get_num_threads() // parallel)
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker, cfg, m, seed, out, resume, validation, sparsities,
+                               threads) for cfg, m, seed, out in jobs]
+        for f in futures:
+            f.result()
+
+
+def _worker(cfg: OneshotConfig, method: str, seed: int, out: Path, resume: bool,
+            validation: float | None, sparsities: tuple[float, ...] | None,
+            threads: int) -> None:
+    torch.set_num_threads(threads)
+    tr, te = load_data(cfg.dataset, preset(cfg.preset, cfg.dataset, cfg.model), cfg.data_dir,
+                       validation=validation)
+    run_one(cfg, method, seed, tr, te, out, False, resume, sparsities)
+
+
 def summarize(rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
     out = []
     for m in methods:
@@ -155,7 +181,11 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     previous = previous_config(out, "oneshot.csv", cfg.shared(), "oneshot")
     check_runs(cfg, out, resume)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
-    tr, te = load_data(cfg.dataset, p, cfg.data_dir)
+    tr, te = load_data(cfg.dataset, p, cfg.data_dir)  # first: the workers find it decoded
+    if cfg.parallel > 1:
+        run_many([(cfg, m, seed, out) for seed in range(cfg.seeds) for m in cfg.methods],
+                 cfg.parallel, resume)
+        resume = True  # the finished runs are read below
     rows = []
     for seed in range(cfg.seeds):
         for m in cfg.methods:

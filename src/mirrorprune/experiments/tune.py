@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +25,8 @@ from ..errors import UsageError
 from ..files import write_json, write_rows
 from ..methods import METHODS
 from ..provenance import provenance
-from .common import DataConfig, load_data, preset
-from .oneshot import OneshotConfig, check_runs, run_one
+from .common import VALIDATION, DataConfig, check_parallel, load_data, preset
+from .oneshot import OneshotConfig, check_runs, run_many, run_one
 
 
 @dataclass
@@ -42,11 +38,11 @@ class TuneConfig(DataConfig):
     epochs: int | None = option(None, "override the preset's epochs")
     levels: tuple[float, ...] = option((0.9, 0.95, 0.98), "sparsities whose mean validation "
                                        "accuracy is maximized, comma-separated")
-    val_fraction: float = option(0.1, "the last fraction of the training set held out for "
+    val_fraction: float = option(VALIDATION, "the last fraction of the training set held out for "
                                  "validation")
     exclude: tuple[str, ...] = option((), "module names (globs) kept dense", repeat=True)
-    workers: int = option(1, "grid values trained at once, each in a process of its own (one "
-                          "thread each)")
+    parallel: int = option(1, "runs (grid value × seed) trained at once, each in a process of "
+                           "its own: the CPU's threads are divided between them, a GPU is shared")
     hparams: dict[str, dict[str, Any]] = option({}, "fixed hyperparameters (--hp)", cli=False)
 
     def parsed_grid(self) -> tuple[str, list[Any]]:
@@ -68,7 +64,9 @@ class TuneConfig(DataConfig):
         key, _ = self.parsed_grid()
         hp = {**self.hparams.get(self.method, {}), key: value}
         return OneshotConfig(dataset=self.dataset, model=self.model, preset=self.preset,
-                             data_dir=self.data_dir, methods=(self.method,), seeds=self.seeds,
+                             data_dir=self.data_dir, precision=self.precision,
+                             channels_last=self.channels_last, compile=self.compile,
+                             methods=(self.method,), seeds=self.seeds,
                              hparams={self.method: hp}, epochs=self.epochs,
                              exclude=self.exclude)
 
@@ -76,8 +74,7 @@ class TuneConfig(DataConfig):
         key, values = self.parsed_grid()
         if not values or len(set(map(repr, values))) < len(values):
             raise UsageError(f"--grid needs distinct values, got {values}")
-        if self.workers < 1:
-            raise UsageError(f"--workers must be >= 1, got {self.workers}")
+        check_parallel(self.parallel)
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not self.levels or not all(0 <= s < 1 for s in self.levels):
@@ -98,11 +95,13 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     key, values = cfg.parsed_grid()
     for v in values:  # everything checkable before loading data or writing a file
         check_runs(cfg.one(v), out / f"{key}={v}", resume)
-    if cfg.workers > 1 and len(values) > 1:
-        _train_in_parallel(cfg, out, key, values, resume)
-        resume = True  # the runs the workers finished are reused below
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
+    if cfg.parallel > 1:  # after loading: the workers find the data decoded
+        run_many([(cfg.one(v), cfg.method, seed, out / f"{key}={v}") for v in values
+                  for seed in range(cfg.seeds)], cfg.parallel, resume,
+                 validation=cfg.val_fraction, sparsities=cfg.levels)
+        resume = True  # the finished runs are read below
     rows = []
     for v in values:
         for seed in range(cfg.seeds):
@@ -129,30 +128,6 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
             "train_size": len(tr), "val_size": len(val), "provenance": provenance()})
     return {"table": table, "rows": rows, "best": best, "seconds": time.time() - t0,
             "files": ["tune.csv", "tune.json", f"{key}=*/runs/"]}
-
-
-def _train_in_parallel(cfg: TuneConfig, out: Path, key: str, values: list[Any],
-                       resume: bool) -> None:
-    """Train each grid value in a `mirrorprune tune` process of its own, `cfg.workers` at a
-    time (the caller then reuses the finished runs and chooses)."""
-    base = [sys.executable, "-m", "mirrorprune", "tune", "--quiet", "--out", str(out),
-            "--dataset", cfg.dataset, "--model", cfg.model, "--preset", cfg.preset,
-            "--method", cfg.method, "--seeds", str(cfg.seeds),
-            "--levels", ",".join(map(str, cfg.levels)), "--val-fraction", str(cfg.val_fraction),
-            *(["--data-dir", cfg.data_dir] if cfg.data_dir else []),
-            *(["--epochs", str(cfg.epochs)] if cfg.epochs is not None else []),
-            *(f"--exclude={g}" for g in cfg.exclude), *(["--resume"] if resume else []),
-            *(f"--hp={cfg.method}.{k}={v!r}" for k, v in cfg.hparams.get(cfg.method, {}).items())]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-
-    def one(value: Any) -> None:
-        res = subprocess.run([*base, "--grid", f"{key}={value!r}"], capture_output=True,
-                             text=True, env=env)
-        if res.returncode != 0:
-            raise RuntimeError(f"tune worker for {key}={value!r} failed:\n{res.stderr[-2000:]}")
-
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        list(pool.map(one, values))
 
 
 def hparams_from(paths: list[str], dataset: str, model: str, methods: tuple[str, ...]
