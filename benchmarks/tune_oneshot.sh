@@ -16,8 +16,8 @@
 # at 90/95/98%. PILoT (both forms) uses the default shape
 # (benchmarks/results/strength_transfer/choice.json); PILoTAdamW (experimental) its default
 # lr_factor 0.1. JOBS tunes at a time, each training PARALLEL runs at once (defaults 1 and 2), and
-# the table PARALLEL runs at once; MIRRORPRUNE is the command; EXTRA adds options to every call
-# (e.g. "--bn-recalibrate" for the table is a separate output folder: run oneshot --resume there).
+# the table PARALLEL runs at once; MIRRORPRUNE is the command; EXTRA adds options to every call;
+# BNRECAL=1 adds the table after BatchNorm recalibration (OUT-bnrecal, same trained runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/oneshot-mnist}
@@ -53,3 +53,15 @@ HPFROM=$(for m in $METHODS; do f="$OUT/tune/$m/tune.json"; [ -f "$f" ] && printf
 # shellcheck disable=SC2086
 $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \
   --parallel "$PARALLEL" --out "$OUT"
+# BNRECAL=1: the same trained runs evaluated after re-estimating BatchNorm statistics, in
+# OUT-bnrecal (a folder of its own: its settings differ; the runs are copied, not retrained)
+if [ -n "${BNRECAL:-}" ]; then
+  mkdir -p "$OUT-bnrecal"
+  for d in "$OUT"/runs/*/seed*; do
+    rel=${d#"$OUT"/}
+    [ -f "$OUT-bnrecal/$rel/checkpoint.pt" ] || { mkdir -p "$OUT-bnrecal/$rel" && cp "$d"/checkpoint.pt "$d"/config.json "$d"/log.* "$OUT-bnrecal/$rel/"; }
+  done
+  # shellcheck disable=SC2086
+  $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \
+    --bn-recalibrate --parallel "$PARALLEL" --out "$OUT-bnrecal"
+fi
