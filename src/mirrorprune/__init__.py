@@ -1,6 +1,7 @@
 """mirrorprune: PILoT implicit sparsification (Jacobs & Burkholz, ICLR 2025) for PyTorch."""
 
 from . import optim, schedules, theory
+from .fast import export_dense_fast
 from .pilot import PILoT
 from .prune import (
     SparsityReport,
@@ -20,6 +21,7 @@ __all__ = [
     "PILoT",
     "SparseLinear",
     "SparsityReport",
+    "export_dense_fast",
     "export_sparse",
     "finalize",
     "is_wrapped",
