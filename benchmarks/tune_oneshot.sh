@@ -17,7 +17,8 @@
 # (benchmarks/results/strength_transfer/choice.json); PILoTAdamW (experimental) its default
 # lr_factor 0.1. JOBS tunes at a time, each training PARALLEL runs at once (defaults 1 and 2), and
 # the table PARALLEL runs at once; MIRRORPRUNE is the command; EXTRA adds options to every call;
-# BNRECAL=1 adds the table after BatchNorm recalibration (OUT-bnrecal, same trained runs).
+# BNRECAL=1 adds the table after BatchNorm recalibration (OUT-bnrecal, same trained runs);
+# GRIDS replaces the grids (lines "METHOD KEY=v1,v2,... [--hp=...]").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/oneshot-mnist}
@@ -32,7 +33,7 @@ METHODS=${METHODS:-dense l1 l1_m spred pilot pilot_opt pilot_adamw cs powerprop 
 sqrt2() { python3 -c "print(','.join(f'{$1 * 2 ** (k / 2):.4g}' for k in range($2)))"; }
 times2() { python3 -c "print(','.join(f'{$1 * 2 ** k:.4g}' for k in range($2)))"; }
 SHAPE=$(python3 -c "import json; print(json.load(open('benchmarks/results/strength_transfer/choice.json'))['chosen']['shape'])")
-GRIDS="pilot strength=$(sqrt2 0.25 11) --hp=pilot.shape=$SHAPE
+GRIDS=${GRIDS:-"pilot strength=$(sqrt2 0.25 11) --hp=pilot.shape=$SHAPE
 pilot_opt strength=$(sqrt2 0.25 11) --hp=pilot_opt.shape=$SHAPE
 pilot_adamw strength=$(sqrt2 0.25 11) --hp=pilot_adamw.shape=$SHAPE
 l1 lam=$(sqrt2 1.25e-5 11)
@@ -41,7 +42,7 @@ spred alpha=$(times2 1.5625e-5 8)
 cs s_init=0,-0.02,-0.05,-0.1,-0.2
 powerprop a=1.5,2,3,4
 str s_init=-4,-3,-2.5,-2,-1.75,-1.5
-gmp target=0.8,0.9,0.95,0.98"
+gmp target=0.8,0.9,0.95,0.98"}
 COMMON="--dataset $DATASET --model $MODEL --preset $PRESET --resume --quiet ${EXTRA:-}"
 # only the methods asked for (dense has nothing to tune)
 echo "$GRIDS" | while read -r m rest; do

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# CIFAR-10 (JPEG) ResNet-20 on the whole training set (preset cpu-full: 45,000 training images,
+# the other 5,000 the validation split every value is chosen on; 10,000 test images; 30 epochs,
+# bf16 + channels_last): each method's value tuned with a 10-epoch budget on coarser (×2) grids
+# than MNIST's, then the one-shot table at 2 seeds, with and without BatchNorm recalibration.
+# About 7 hours of this 2-core machine; resumable (rerun to continue), so it can span sessions.
+#
+#   bash benchmarks/cifar10_full.sh [OUT]        (default OUT: results/oneshot-cifar10-full)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHAPE=$(python3 -c "import json; print(json.load(open('benchmarks/results/strength_transfer/choice.json'))['chosen']['shape'])")
+export DATASET=cifar10 MODEL=resnet20 PRESET=cpu-full TUNE_EPOCHS=${TUNE_EPOCHS:-10} SEEDS=${SEEDS:-2}
+export METHODS=${METHODS:-dense pilot pilot_opt l1 gmp spred str} BNRECAL=1
+export GRIDS="pilot strength=0.5,1,2,4,8 --hp=pilot.shape=$SHAPE
+pilot_opt strength=0.5,1,2,4,8 --hp=pilot_opt.shape=$SHAPE
+l1 lam=2.5e-05,5e-05,0.0001,0.0002,0.0004
+spred alpha=6.25e-05,0.000125,0.00025,0.0005,0.001
+str s_init=-4,-3,-2,-1.5
+gmp target=0.9,0.95,0.98"
+exec bash benchmarks/tune_oneshot.sh "${1:-results/oneshot-cifar10-full}"
