@@ -329,3 +329,31 @@ def test_compiled_update_of_a_whole_model_equals_the_eager_one(monkeypatch):
     for a, b in zip(eager.parameters(), cl.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
     assert cl[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [0.3, 1e-15, 2.0 ** -61, 1e12])
+def test_fused_step_forms_agree_with_the_float64_reference(dtype, c):
+    """The branch-free step the compiled update uses (hypot, or sqrt(x² + c²) where c allows),
+    over |x| from 1e-30 to 1e30 and |b| from 1e-8 to 10: within a few ulps of the terms."""
+    from mirrorprune.optim import _SQRT_C_RANGE, _fused_step
+
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * torch.logspace(-30, 30, n,
+                                                                           dtype=torch.float64))
+    b = torch.randn(n, generator=g, dtype=torch.float64) * torch.logspace(
+        -8, 1, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    x, b = x.to(dtype).double(), b.to(dtype).double()  # the inputs as the dtype holds them
+    ref = mirror_step(x, b, math.log(c), math.log(c * 0.999))
+    ratio = math.exp(math.log(c * 0.999) - math.log(c))  # as mirror_step forms it
+    h = torch.hypot(x, torch.tensor(c, dtype=torch.float64))
+    scale = (x.abs() * b.cosh() + h * b.sinh().abs()) * 0.999
+    eps = torch.finfo(dtype).eps
+    ok = ref.abs() < torch.finfo(dtype).max / 10  # float32 overflows where float64 does not
+    for sqrt_h in (False, True):
+        if sqrt_h and not _SQRT_C_RANGE[0] <= c <= _SQRT_C_RANGE[1]:
+            continue
+        y = _fused_step(x.to(dtype), b.to(dtype), torch.tensor(c, dtype=dtype),
+                        torch.tensor(ratio, dtype=dtype), sqrt_h).double()
+        assert ((y - ref).abs()[ok] <= 8 * eps * scale[ok]).all()

@@ -82,8 +82,13 @@ def mirror_step(x: torch.Tensor, b: torch.Tensor, log_c: float | torch.Tensor,
 
 
 # Taylor coefficients of sinh(b)/b and cosh(b) in t = b², to below float64 rounding for |b| <= 1
+# (float32 needs the first 7)
 _SINH = tuple(1 / math.factorial(2 * k + 1) for k in range(10))
 _COSH = tuple(1 / math.factorial(2 * k) for k in range(10))
+# c range in which h = sqrt(x² + c²) is computed directly (no overflow or harmful underflow in
+# float32: |x| < 2^60 squares below 2^120, c² >= 2^-120 stays normal, and beyond 2^60 h = |x|
+# to rounding); outside it, hypot (about 40% slower here)
+_SQRT_C_RANGE = (2.0 ** -60, 2.0 ** 30)
 
 
 def _horner(t: torch.Tensor, coef: tuple[float, ...]) -> torch.Tensor:
@@ -93,16 +98,20 @@ def _horner(t: torch.Tensor, coef: tuple[float, ...]) -> torch.Tensor:
     return out
 
 
-def _fused_step(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ratio: torch.Tensor
-                ) -> torch.Tensor:
+def _fused_step(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ratio: torch.Tensor,
+                sqrt_h: bool = False) -> torch.Tensor:
     """`mirror_step` without branches (both forms, chosen per element), for torch.compile to
     fuse into one loop over the weights. cosh b and sinh b of the |b| <= 1 form are
     polynomials (exact to rounding, faster than the transcendental functions; the compiled
-    expm1 is not accurate near 0)."""
-    h = torch.hypot(x, c)
+    expm1 is not accurate near 0); `sqrt_h` (c in _SQRT_C_RANGE) avoids hypot."""
+    if sqrt_h:
+        h = torch.where(x.abs() < 2.0 ** 60, torch.sqrt(x * x + c * c), x.abs())
+    else:
+        h = torch.hypot(x, c)
+    n = 7 if x.dtype == torch.float32 else len(_SINH)
     bs = b.clamp(-1.0, 1.0)
     t = bs * bs
-    small = x * _horner(t, _COSH) - h * (bs * _horner(t, _SINH))  # x·cosh b − h·sinh b
+    small = x * _horner(t, _COSH[:n]) - h * (bs * _horner(t, _SINH[:n]))  # x·cosh b − h·sinh b
     q = c * (c / (h + x.abs()).clamp_min(torch.finfo(x.dtype).tiny))  # h − |x|
     pos = x >= 0
     e = torch.exp(b.clamp(-80.0, 80.0))
@@ -111,11 +120,11 @@ def _fused_step(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ratio: torch.
 
 
 def _fused_update(xs: list[torch.Tensor], ds: list[torch.Tensor], scale: torch.Tensor,
-                  c: torch.Tensor, ratio: torch.Tensor) -> None:
+                  c: torch.Tensor, ratio: torch.Tensor, sqrt_h: bool) -> None:
     """x ← c'·sinh(arcsinh(x/c) − scale·d) in place for every (x, d): compiled, one graph and
     one guard check per step for all the weights of a group."""
     for x, d in zip(xs, ds):
-        x.copy_(_fused_step(x, d * scale, c, ratio))
+        x.copy_(_fused_step(x, d * scale, c, ratio, sqrt_h))
 
 
 _COMPILED: list[Any] = []  # [the compiled _fused_update] once made, [None] if it cannot be
@@ -156,9 +165,11 @@ def mirror_update_(params: list[torch.Tensor], directions: list[torch.Tensor], s
             rest.append((p, d))
     for (dev, dtype), (xs, ds) in batches.items():
         try:
+            c = math.exp(log_c)
             fused([_flat(x) for x in xs], [_flat(d) for d in ds],
                   *(torch.tensor(v, dtype=dtype, device=dev) for v in
-                    (scale, math.exp(log_c), math.exp(log_c_next - log_c))))
+                    (scale, c, math.exp(log_c_next - log_c))),
+                  _SQRT_C_RANGE[0] <= c <= _SQRT_C_RANGE[1])
         except Exception:  # noqa: BLE001 - no compiler, unsupported backend: stay eager
             _COMPILED[0] = None
             rest += list(zip(xs, ds))
