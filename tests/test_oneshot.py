@@ -72,13 +72,13 @@ def test_folders_of_the_first_release_can_be_extended(tmp_path):
 
     from mirrorprune.experiments.common import previous_config
 
-    committed = Path(__file__).resolve().parents[1] / "results" / "oneshot-mnist"
-    (tmp_path / "config.json").write_text((committed / "config.json").read_text())
+    # the config.json release 0.1 wrote for results/oneshot-mnist (from git history)
+    old = Path(__file__).resolve().parent / "data" / "oneshot-config-release-0.1.json"
+    (tmp_path / "config.json").write_text(old.read_text())
     cfg = oneshot.OneshotConfig(dataset="mnist", model="lenet_300_100", epochs=None)
     prev = previous_config(tmp_path, "oneshot.csv", cfg.shared(), "oneshot")
     assert prev["methods"]["pilot"] == {"seeds": 3, "hparams": {}}
-    assert list(prev["methods"]) == json.loads((committed / "config.json").read_text()
-                                               )["oneshot"]["methods"]
+    assert list(prev["methods"]) == json.loads(old.read_text())["oneshot"]["methods"]
 
 
 def test_cpu_full_preset_trains_without_the_validation_split(monkeypatch):
