@@ -3,7 +3,7 @@
 # the other 5,000 the validation split every value is chosen on; 10,000 test images; 30 epochs,
 # bf16 + channels_last): each method's value tuned with a 10-epoch budget on coarser (×2) grids
 # than MNIST's, then the one-shot table at 2 seeds, with and without BatchNorm recalibration.
-# About 7 hours of this 2-core machine; resumable (rerun to continue), so it can span sessions.
+# About 12 hours of this 2-core machine (33 min per 30-epoch run); resumable (rerun to continue), so it can span sessions.
 #
 #   bash benchmarks/cifar10_full.sh [OUT]        (default OUT: results/oneshot-cifar10-full)
 set -euo pipefail

@@ -30,7 +30,7 @@ VALIDATION = 0.1  # the last fraction of a training set: the validation split ev
 def preset(name: str, dataset: str, model: str) -> dict[str, Any]:
     """Training budget: `paper` (SPEC §4.2, for a GPU), `cpu` (minutes per run here) or
     `cpu-full` (CIFAR-10: the whole training set minus the validation split, the whole test
-    set, bf16 + channels_last; about 15 minutes per ResNet-20 run here).
+    set, bf16 + channels_last; about 33 minutes per ResNet-20 run here).
 
     "holdout": the final runs train without the validation split too, so that tuning and the
     table train on the same examples."""
