@@ -62,3 +62,24 @@ def test_targets_of_other_methods_are_kept(tmp_path):
         ("gmp", "0.9"), ("str", "0.8"), ("str", "0.9")]
     md = (tmp_path / "targets.md").read_text()
     assert "| method | 80% | 90% |" in md and "| gmp | – | " in md  # gmp was not run at 80%
+
+
+def test_targets_in_parallel_with_speed_options_equal_sequential_runs(tmp_path):
+    import json
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the 2 workers gets on a 2-core machine: same sums
+    try:
+        args = ["targets", "--dataset", "digits", "--sparsities", "0.8,0.9", "--methods",
+                "pilot,gmp", "--seeds", "1", "--epochs", "1", "--precision", "bf16", "--quiet"]
+        assert main([*args, "--out", str(tmp_path / "seq")]) == 0
+        assert main([*args, "--parallel", "2", "--out", str(tmp_path / "par")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert ((tmp_path / "seq" / "targets.csv").read_text()
+            == (tmp_path / "par" / "targets.csv").read_text())
+    run = json.loads((tmp_path / "par" / "target0.9" / "runs" / "gmp" / "seed0" /
+                      "config.json").read_text())
+    assert run["precision"] == "bf16"  # the speed options reach every target's runs

@@ -91,17 +91,19 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     return rows
 
 
-def run_many(jobs: list[tuple[OneshotConfig, str, int, Path]], parallel: int, resume: bool,
-             validation: float | None = None,
-             sparsities: tuple[float, ...] | None = None) -> None:
-    """`run_one` for each (config, method, seed, out), `parallel` at a time, each in a spawned
-    process of its own with its share of the CPU's threads (a GPU is shared). Each writes only
-    its own run folder; the caller then reads the finished runs (resume=True). A worker's
-    error (UsageError, non-finite loss, ...) is raised here."""
+Job = tuple[OneshotConfig, str, int, Path, "tuple[float, ...] | None"]
+
+
+def run_many(jobs: list[Job], parallel: int, resume: bool, validation: float | None = None
+             ) -> None:
+    """`run_one` for each (config, method, seed, out, sparsities), `parallel` at a time, each
+    in a spawned process of its own with its share of the CPU's threads (a GPU is shared).
+    Each writes only its own run folder; the caller then reads the finished runs
+    (resume=True). A worker's error (UsageError, non-finite loss, ...) is raised here."""
     threads = max(1, torch.get_num_threads() // parallel)
     with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_worker, cfg, m, seed, out, resume, validation, sparsities,
-                               threads) for cfg, m, seed, out in jobs]
+                               threads) for cfg, m, seed, out, sparsities in jobs]
         for f in futures:
             f.result()
 
@@ -183,8 +185,8 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)  # first: the workers find it decoded
     if cfg.parallel > 1:
-        run_many([(cfg, m, seed, out) for seed in range(cfg.seeds) for m in cfg.methods],
-                 cfg.parallel, resume)
+        run_many([(cfg, m, seed, out, None) for seed in range(cfg.seeds)
+                  for m in cfg.methods], cfg.parallel, resume)
         resume = True  # the finished runs are read below
     rows = []
     for seed in range(cfg.seeds):

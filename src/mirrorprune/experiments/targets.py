@@ -25,7 +25,7 @@ from ..files import write_json, write_rows, write_text
 from ..methods import METHODS, REFERENCE_EPOCH_LR
 from ..provenance import provenance
 from .common import MethodsConfig, load_data, merge_rows, ordered, preset, previous_config
-from .oneshot import OneshotConfig, check_runs, run_one
+from .oneshot import OneshotConfig, check_runs, run_many, run_one
 
 
 def aim(method: str, target: float, epoch_lr: float = REFERENCE_EPOCH_LR) -> dict[str, Any]:
@@ -67,7 +67,8 @@ def _oneshot(cfg: TargetsConfig, m: str, hp_json: str) -> OneshotConfig:
     return OneshotConfig(dataset=cfg.dataset, model=cfg.model, methods=(m,), preset=cfg.preset,
                          hparams={m: json.loads(hp_json)}, epochs=cfg.epochs,
                          bn_recalibrate=cfg.bn_recalibrate, data_dir=cfg.data_dir,
-                         seeds=cfg.seeds)
+                         seeds=cfg.seeds, precision=cfg.precision,
+                         channels_last=cfg.channels_last, compile=cfg.compile)
 
 
 def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool = False
@@ -99,6 +100,11 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
         groups = checked_plan(len(tr))
     used = {f"{m}@{t:g}": json.loads(hp_json) for (m, hp_json), tgts in groups.items()
             for t in tgts}
+    if cfg.parallel > 1:
+        run_many([(_oneshot(cfg, m, hp_json), m, seed, out / f"target{tgts[0]:g}", tuple(tgts))
+                  for (m, hp_json), tgts in groups.items() for seed in range(cfg.seeds)],
+                 cfg.parallel, resume)
+        resume = True  # the finished runs are read below
     rows = []
     for (m, hp_json), tgts in groups.items():
         one = _oneshot(cfg, m, hp_json)

@@ -98,9 +98,9 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
     if cfg.parallel > 1:  # after loading: the workers find the data decoded
-        run_many([(cfg.one(v), cfg.method, seed, out / f"{key}={v}") for v in values
-                  for seed in range(cfg.seeds)], cfg.parallel, resume,
-                 validation=cfg.val_fraction, sparsities=cfg.levels)
+        run_many([(cfg.one(v), cfg.method, seed, out / f"{key}={v}", cfg.levels)
+                  for v in values for seed in range(cfg.seeds)], cfg.parallel, resume,
+                 validation=cfg.val_fraction)
         resume = True  # the finished runs are read below
     rows = []
     for v in values:
