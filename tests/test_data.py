@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mirrorprune import data
-from mirrorprune.data import CIFAR_CLASSES, DataNotFoundError, load, search_dirs
+from mirrorprune.data import CIFAR_CLASSES, DataNotFoundError, ImageData, load, search_dirs
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,15 @@ def test_cifar_jpeg_stand_in_and_cache(tmp_path):
     _jpeg_archive(tmp_path / "cifar10-jpeg.tar.gz")
     d = load("cifar10", "train", tmp_path)
     assert d.x.shape == (20, 3, 32, 32) and d.x.dtype == torch.uint8
-    assert d.y.tolist() == [c for c in range(10) for _ in range(2)] and d.augment
+    # classes interleaved, so that the validation split (the last 10%) holds every class
+    assert d.y.tolist() == [c for _ in range(2) for c in range(10)] and d.augment
+    from mirrorprune.experiments.common import split_validation
+
+    _, val = split_validation(d, 0.5)
+    assert sorted(val.y.tolist()) == list(range(10))
+    grouped = ImageData(d.name, d.x, d.y.sort().values, d.mean, d.std)
+    with pytest.raises(ValueError, match="ordered by class"):
+        split_validation(grouped, 0.5)
     assert list((tmp_path / "cache").glob("*.npz"))  # decoded once, cached
     again = load("cifar10", "train", tmp_path)
     assert torch.equal(again.x, d.x)

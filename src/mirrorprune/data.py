@@ -298,11 +298,14 @@ class _CifarUnpickler(pickle.Unpickler):
         return make()
 
 
+_CACHE_VERSION = "v2"  # v2: CIFAR-10 JPEG classes interleaved (v1: grouped by class)
+
+
 def _cache_path(src: Path) -> Path:
     st = src.stat()
     key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     root = Path(os.environ.get("MIRRORPRUNE_CACHE", Path.home() / ".cache" / "mirrorprune"))
-    return root / f"{src.name}.{key}.npz"
+    return root / f"{src.name}.{key}.{_CACHE_VERSION}.npz"
 
 
 def _cifar_jpeg(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -330,7 +333,10 @@ def _cifar_jpeg(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     for s, (items, _) in out.items():
         if not items:
             raise _corrupt(archive, ValueError(f"no {s}/<class>/*.jpg images inside"))
-        items.sort(key=lambda t: (CIFAR_CLASSES.index(t[0]), t[1]))
+        # classes interleaved (the first image of each class, then the second, ...), not one
+        # class after the other: any contiguous part, e.g. the validation split (the last
+        # 10%), holds every class alike. Within a class, file-name order.
+        items.sort(key=lambda t: (t[1], CIFAR_CLASSES.index(t[0])))
         arrays[f"x_{s}"] = np.stack([t[2] for t in items]).transpose(0, 3, 1, 2)
         arrays[f"y_{s}"] = np.array([CIFAR_CLASSES.index(t[0]) for t in items], dtype=np.int64)
     cache.parent.mkdir(parents=True, exist_ok=True)
