@@ -78,8 +78,8 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
 
 def load_torch(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> Any:
     """`torch.load(path, weights_only=True)`, with every failure turned into one sentence that
-    names `what` the file should have been and what to do (never torch's advice to load it
-    with weights_only=False)."""
+    names `what` the file should have been and what to do (never torch's advice to lift the
+    weights-only restriction)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -90,7 +90,8 @@ def load_torch(path: str | os.PathLike, what: str, map_location: Any = "cpu") ->
         raise UsageError(
             f"{path} is not a {what}: it asks to build {asked.group(1)}, a Python object "
             "mirrorprune never writes and refuses to load because such objects can run code; "
-            "move the file away (and do not load it with weights_only=False)") from None
+            "move the file away (and do not load it without the weights-only restriction)"
+            ) from None
     except Exception as e:  # noqa: BLE001 - truncated, empty, random: all reported alike
         raise UsageError(f"{path} is not a readable {what} ({type(e).__name__}: empty, "
                          "truncated or another kind of file); move it away or replace it"
