@@ -118,6 +118,11 @@ class DataConfig:
                                         "presets set it")
     compile: bool | None = option(None, "torch.compile the model for training")
 
+    def data_options(self) -> dict[str, Any]:
+        """This config's `DataConfig` fields, to build another experiment's config that trains
+        the same way (tune and targets run oneshot's runs)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)}
+
     def budget(self, seed: int, epochs: int | None = None) -> TrainConfig:
         """The preset's training configuration for one seed, with `epochs` and the speed
         options given applied."""

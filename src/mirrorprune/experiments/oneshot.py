@@ -95,17 +95,21 @@ Job = tuple[OneshotConfig, str, int, Path, "tuple[float, ...] | None"]
 
 
 def run_many(jobs: list[Job], parallel: int, resume: bool, validation: float | None = None
-             ) -> None:
-    """`run_one` for each (config, method, seed, out, sparsities), `parallel` at a time, each
-    in a spawned process of its own with its share of the CPU's threads (a GPU is shared).
-    Each writes only its own run folder; the caller then reads the finished runs
-    (resume=True). A worker's error (UsageError, non-finite loss, ...) is raised here."""
+             ) -> bool:
+    """With parallel > 1, `run_one` for each (config, method, seed, out, sparsities),
+    `parallel` at a time, each in a spawned process of its own with its share of the CPU's
+    threads (a GPU is shared); each writes only its own run folder. Returns the `resume` flag
+    with which the caller then runs (or, after this, reads) the same runs in order. A worker's
+    error (UsageError, non-finite loss, ...) is raised here."""
+    if parallel <= 1:
+        return resume
     threads = max(1, torch.get_num_threads() // parallel)
     with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_worker, cfg, m, seed, out, resume, validation, sparsities,
                                threads) for cfg, m, seed, out, sparsities in jobs]
         for f in futures:
             f.result()
+    return True  # the finished runs are read
 
 
 def _worker(cfg: OneshotConfig, method: str, seed: int, out: Path, resume: bool,
@@ -184,10 +188,8 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     check_runs(cfg, out, resume)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)  # first: the workers find it decoded
-    if cfg.parallel > 1:
-        run_many([(cfg, m, seed, out, None) for seed in range(cfg.seeds)
-                  for m in cfg.methods], cfg.parallel, resume)
-        resume = True  # the finished runs are read below
+    resume = run_many([(cfg, m, seed, out, None) for seed in range(cfg.seeds)
+                       for m in cfg.methods], cfg.parallel, resume)
     rows = []
     for seed in range(cfg.seeds):
         for m in cfg.methods:

@@ -64,11 +64,8 @@ def plan(cfg: TargetsConfig, epoch_lr: float) -> dict[tuple[str, str], list[floa
 
 
 def _oneshot(cfg: TargetsConfig, m: str, hp_json: str) -> OneshotConfig:
-    return OneshotConfig(dataset=cfg.dataset, model=cfg.model, methods=(m,), preset=cfg.preset,
-                         hparams={m: json.loads(hp_json)}, epochs=cfg.epochs,
-                         bn_recalibrate=cfg.bn_recalibrate, data_dir=cfg.data_dir,
-                         seeds=cfg.seeds, precision=cfg.precision,
-                         channels_last=cfg.channels_last, compile=cfg.compile)
+    return OneshotConfig(**cfg.data_options(), methods=(m,), hparams={m: json.loads(hp_json)},
+                         epochs=cfg.epochs, bn_recalibrate=cfg.bn_recalibrate, seeds=cfg.seeds)
 
 
 def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool = False
@@ -100,11 +97,9 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
         groups = checked_plan(len(tr))
     used = {f"{m}@{t:g}": json.loads(hp_json) for (m, hp_json), tgts in groups.items()
             for t in tgts}
-    if cfg.parallel > 1:
-        run_many([(_oneshot(cfg, m, hp_json), m, seed, out / f"target{tgts[0]:g}", tuple(tgts))
-                  for (m, hp_json), tgts in groups.items() for seed in range(cfg.seeds)],
-                 cfg.parallel, resume)
-        resume = True  # the finished runs are read below
+    resume = run_many([(_oneshot(cfg, m, hp_json), m, seed, out / f"target{tgts[0]:g}",
+                        tuple(tgts)) for (m, hp_json), tgts in groups.items()
+                       for seed in range(cfg.seeds)], cfg.parallel, resume)
     rows = []
     for (m, hp_json), tgts in groups.items():
         one = _oneshot(cfg, m, hp_json)

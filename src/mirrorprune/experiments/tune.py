@@ -63,10 +63,7 @@ class TuneConfig(DataConfig):
         """The oneshot configuration that trains one grid value."""
         key, _ = self.parsed_grid()
         hp = {**self.hparams.get(self.method, {}), key: value}
-        return OneshotConfig(dataset=self.dataset, model=self.model, preset=self.preset,
-                             data_dir=self.data_dir, precision=self.precision,
-                             channels_last=self.channels_last, compile=self.compile,
-                             methods=(self.method,), seeds=self.seeds,
+        return OneshotConfig(**self.data_options(), methods=(self.method,), seeds=self.seeds,
                              hparams={self.method: hp}, epochs=self.epochs,
                              exclude=self.exclude)
 
@@ -97,11 +94,10 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
         check_runs(cfg.one(v), out / f"{key}={v}", resume)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
-    if cfg.parallel > 1:  # after loading: the workers find the data decoded
-        run_many([(cfg.one(v), cfg.method, seed, out / f"{key}={v}", cfg.levels)
-                  for v in values for seed in range(cfg.seeds)], cfg.parallel, resume,
-                 validation=cfg.val_fraction)
-        resume = True  # the finished runs are read below
+    # after loading: parallel workers find the data decoded
+    resume = run_many([(cfg.one(v), cfg.method, seed, out / f"{key}={v}", cfg.levels)
+                       for v in values for seed in range(cfg.seeds)], cfg.parallel, resume,
+                      validation=cfg.val_fraction)
     rows = []
     for v in values:
         for seed in range(cfg.seeds):

@@ -217,7 +217,6 @@ class PilotOptimizer(Method):
     learning rate (the flow's step on x is the same)."""
 
     uses_mw = True
-    OPTIMIZER = "sgd"
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -232,13 +231,12 @@ class PilotOptimizer(Method):
     def make_optimizer(self, groups, lr, momentum):
         strength = S.Strength(self.hp["strength"], horizon=self.steps_per_epoch * self.epochs,
                               shape=self.hp["shape"], lr=self.lr_at)
-        if self.OPTIMIZER == "adamw":
-            self.optimizer = optim.PILoTAdamW(groups, lr=lr, betas=(momentum, 0.999),
-                                        beta=self.hp["beta"], strength=strength)
-        else:
-            self.optimizer = optim.PILoTSGD(groups, lr=lr, momentum=momentum, beta=self.hp["beta"],
-                                      strength=strength)
+        self.optimizer = self._optimizer(groups, lr, momentum, strength)
         return self.optimizer
+
+    def _optimizer(self, groups, lr, momentum, strength) -> optim.PILoTSGD | optim.PILoTAdamW:
+        return optim.PILoTSGD(groups, lr=lr, momentum=momentum, beta=self.hp["beta"],
+                              strength=strength)
 
     def stats(self):
         st = self.optimizer.stats()
@@ -250,8 +248,6 @@ class PilotAdamW(PilotOptimizer):
     """Experimental: PILoT as an optimizer with AdamW's normalized direction in the dual space
     (`mirrorprune.optim.PILoTAdamW`), at `lr_factor` times the training loop's learning rate."""
 
-    OPTIMIZER = "adamw"
-
     @dataclasses.dataclass(frozen=True)
     class Config(PilotOptimizer.Config):
         lr_factor: float = hparam(0.1, "AdamW's learning rate as a fraction of the training "
@@ -260,3 +256,7 @@ class PilotAdamW(PilotOptimizer):
     @property
     def lr_factor(self) -> float:
         return self.hp["lr_factor"]
+
+    def _optimizer(self, groups, lr, momentum, strength):
+        return optim.PILoTAdamW(groups, lr=lr, betas=(momentum, 0.999), beta=self.hp["beta"],
+                                strength=strength)
