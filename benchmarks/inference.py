@@ -26,15 +26,19 @@ import torch
 from torch import nn
 
 import mirrorprune as mp
+from mirrorprune.allocator import keep_large_blocks
 from mirrorprune.files import write_json, write_text
-from mirrorprune.models import lenet_300_100, mlp, resnet20
+from mirrorprune.models import lenet_300_100, mlp, resnet18, resnet20, vgg16_bn
 from mirrorprune.provenance import provenance
 from mirrorprune.sparse import SparseLinear, gather_product
+from mirrorprune.sparse_conv import SparseConv2d
 
 MODELS = {
     "lenet_300_100": (lambda: lenet_300_100(10, 784), (1, 28, 28)),
     "mlp_4096": (lambda: mlp((4096, 4096, 4096, 10)), (4096,)),
     "resnet20": (lambda: resnet20(10), (3, 32, 32)),
+    "resnet18": (lambda: resnet18(10), (3, 32, 32)),
+    "vgg16_bn": (lambda: vgg16_bn(10), (3, 32, 32)),
 }
 
 
@@ -129,9 +133,13 @@ def main() -> None:
     ap.add_argument("--threads", default=str(torch.get_num_threads()))
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--out", default="benchmarks/results/inference")
+    ap.add_argument("--models-only", action="store_true",
+                    help="only the model table (no layer crossover or kernel tables)")
     ap.add_argument("--sizes-only", action="store_true",
                     help="only the file-size table (file_sizes.md / .json), no timing")
     a = ap.parse_args()
+    # large activations reused, not page-faulted in on every call: for dense and sparse alike
+    keep_large_blocks()
     if a.sizes_only:
         return write_sizes(a)
     rows, cross, sizes = [], [], []
@@ -143,27 +151,31 @@ def main() -> None:
         base = factory().eval()
         for s in (float(v) for v in a.sparsities.split(",")):
             dense = mp.prune(base, s)
-            sparse = mp.export_sparse(dense, min_sparsity=0.0)
             fast = mp.export_dense_fast(dense)  # BatchNorm folded + channels_last
-            n_sparse = sum(isinstance(m, mp.SparseLinear) for m in sparse.modules())
             sizes.append(file_sizes(name, s, dense))
             for threads, bs in itertools.product(thread_counts, batches):
                 torch.set_num_threads(threads)
                 x = torch.randn(bs, *shape)
+                # each layer timed dense and sparse on this input (convolutions only with it)
+                sparse = mp.export_sparse(dense, min_sparsity=0.0, example_input=x)
+                n_sparse = sum(isinstance(m, (mp.SparseLinear, SparseConv2d))
+                               for m in sparse.modules())
                 err = (sparse(x) - dense(x)).abs().max().item()
                 td, ts, tf = latency(dense, sparse, fast, x=x, rounds=a.rounds,
                                      reps=reps_for(dense, x))
                 row = {"model": name, "sparsity": s, "threads": threads, "batch": bs,
                        "dense_ms": 1e3 * td, "sparse_ms": 1e3 * ts, "speedup": td / ts,
                        "best_dense_ms": 1e3 * tf, "best_dense_speedup": td / tf,
+                       "sparse_over_best_dense": tf / ts,
                        "sparse_layers": n_sparse, "max_abs_diff": err}
                 rows.append(row)
                 print(f"{name:14s} {s:.0%} {threads} thr batch {bs:3d}: dense {1e3 * td:8.3f} "
                       f"ms  sparse {1e3 * ts:8.3f} ms  speedup {td / ts:5.2f}x  best dense "
-                      f"{1e3 * tf:8.3f} ms ({td / tf:4.2f}x)  (max |diff| {err:.1e})",
+                      f"{1e3 * tf:8.3f} ms ({td / tf:4.2f}x; sparse {tf / ts:4.2f}x of it)  "
+                      f"(max |diff| {err:.1e})",
                       flush=True)
     torch.set_num_threads(thread_counts[0])
-    for n_out, n_in in ((4096, 4096), (300, 784)):
+    for n_out, n_in in ((4096, 4096), (300, 784)) if not a.models_only else ():
         for s in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
             torch.manual_seed(0)
             layer_model = mp.prune(nn.Sequential(nn.Linear(n_in, n_out)), s)
@@ -176,39 +188,44 @@ def main() -> None:
                               "speedup": td / ts})
                 print(f"layer {n_out}x{n_in} {s:.0%} batch {bs:3d}: speedup {td / ts:5.2f}x",
                       flush=True)
-    kernels = kernel_table(batches=(1, 4, 8, 16, 32, 64, 256), rounds=a.rounds)
+    kernels = [] if a.models_only else kernel_table(batches=(1, 4, 8, 16, 32, 64, 256),
+                                                    rounds=a.rounds)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(a), "torch": torch.__version__, "provenance": provenance()}
     write_json(out / "inference.json", {"meta": meta, "rows": rows, "crossover": cross,
                                         "kernels": kernels, "file_sizes": sizes})
     lines = ["| model | sparsity | threads | batch | dense ms | sparse ms | speedup | best dense "
-             "ms (BN folded, channels_last) | best dense speedup |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "ms (BN folded, channels_last) | best dense speedup | sparse / best dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['sparsity']:.0%} | {r['threads']} | {r['batch']} | "
               f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | "
-              f"{r['best_dense_ms']:.3f} | {r['best_dense_speedup']:.2f}x |" for r in rows]
-    lines += ["", "| layer | batch | " + " | ".join(
-        f"{s:.0%}" for s in sorted({c['sparsity'] for c in cross})) + " |",
-        "|---|---|" + "---|" * len({c["sparsity"] for c in cross})]
-    for layer in dict.fromkeys(c["layer"] for c in cross):
-        for bs in dict.fromkeys(c["batch"] for c in cross):
-            cells = [f"{c['speedup']:.2f}x" for c in cross
-                     if c["layer"] == layer and c["batch"] == bs]
-            lines.append(f"| {layer} | {bs} | " + " | ".join(cells) + " |")
-    kb = list(dict.fromkeys(k["batch"] for k in kernels))
-    lines += ["", "CSR product time / gather time (> 1: the gather kernel is faster):", "",
-              "| layer | sparsity | " + " | ".join(f"batch {b}" for b in kb) + " |",
-              "|---|---|" + "---|" * len(kb)]
-    for key in dict.fromkeys((k["layer"], k["sparsity"]) for k in kernels):
-        cells = [f"{k['csr_over_gather']:.2f}" for k in kernels
-                 if (k["layer"], k["sparsity"]) == key]
-        lines.append(f"| {key[0]} | {key[1]:.0%} | " + " | ".join(cells) + " |")
+              f"{r['best_dense_ms']:.3f} | {r['best_dense_speedup']:.2f}x | "
+              f"{r['sparse_over_best_dense']:.2f}x |" for r in rows]
+    if not a.models_only:
+        lines += ["", "| layer | batch | " + " | ".join(
+            f"{s:.0%}" for s in sorted({c['sparsity'] for c in cross})) + " |",
+            "|---|---|" + "---|" * len({c["sparsity"] for c in cross})]
+        for layer in dict.fromkeys(c["layer"] for c in cross):
+            for bs in dict.fromkeys(c["batch"] for c in cross):
+                cells = [f"{c['speedup']:.2f}x" for c in cross
+                         if c["layer"] == layer and c["batch"] == bs]
+                lines.append(f"| {layer} | {bs} | " + " | ".join(cells) + " |")
+        kb = list(dict.fromkeys(k["batch"] for k in kernels))
+        lines += ["", "CSR product time / gather time (> 1: the gather kernel is faster):", "",
+                  "| layer | sparsity | " + " | ".join(f"batch {b}" for b in kb) + " |",
+                  "|---|---|" + "---|" * len(kb)]
+        for key in dict.fromkeys((k["layer"], k["sparsity"]) for k in kernels):
+            cells = [f"{k['csr_over_gather']:.2f}" for k in kernels
+                     if (k["layer"], k["sparsity"]) == key]
+            lines.append(f"| {key[0]} | {key[1]:.0%} | " + " | ".join(cells) + " |")
     lines += ["", *size_table(sizes)]
     write_text(
         out / "inference.md",
         f"CPU latency, torch {torch.__version__}; `python benchmarks/inference.py "
-        f"--threads {a.threads} --rounds {a.rounds}` (median of interleaved rounds; crossover "
+        f"--models {a.models} --sparsities {a.sparsities} --threads {a.threads} --rounds "
+        f"{a.rounds}{' --models-only' if a.models_only else ''}` (median of interleaved "
+        f"rounds; glibc keeps large blocks, `mirrorprune.allocator`; crossover "
         f"table with {thread_counts[0]} threads).\n\n"
         + "\n".join(lines) + "\n")
 

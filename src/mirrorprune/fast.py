@@ -70,19 +70,29 @@ def export_dense_fast(model: nn.Module, channels_last: bool = True, report: bool
                          "pilot.finalize(sparsity)) first to get one")
     out = safe_deepcopy(model).eval()
     before = sum(isinstance(m, _BN) for m in out.modules())
-    try:
-        out = fuse(out, inplace=True)
+    gm, why = fold_batchnorm(out)
+    if gm is not None:
+        out = gm
         rep = FastReport(True, "traced with torch.fx")
-    except Exception as e:  # noqa: BLE001 - any tracing failure: fold what containers show
+    else:
         _fold_sequential(out)
-        rep = FastReport(False, f"not traceable ({type(e).__name__}: {str(e)[:80]}); folded "
-                                "adjacent pairs inside nn.Sequential containers only")
+        rep = FastReport(False, f"not traceable ({why}); folded adjacent pairs inside "
+                                "nn.Sequential containers only")
     rep.kept = [n for n, m in out.named_modules() if isinstance(m, _BN)]
     rep.folded = before - len(rep.kept)
     rep.channels_last = channels_last
     if channels_last:
         out = ChannelsLastInput(out.to(memory_format=torch.channels_last)).eval()
     return (out, rep) if report else out
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule | None, str]:
+    """(`model` traced with torch.fx, its conv → BatchNorm chains folded, in place; "") or
+    (None, why it could not be traced)."""
+    try:
+        return fuse(model.eval(), inplace=True), ""
+    except Exception as e:  # noqa: BLE001 - any tracing failure
+        return None, f"{type(e).__name__}: {str(e)[:80]}"
 
 
 def _fold_sequential(model: nn.Module) -> None:

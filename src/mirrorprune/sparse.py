@@ -5,8 +5,8 @@ Which layers become sparse is a measured rule: on CPU the sparse product beats t
 only once the weight is sparse enough — for a 4096x4096 layer from 80% at batch 1 (from 60% at
 batch 64), below that dense wins (benchmarks/results/inference) — and, for small layers at
 small batches, hardly ever; `export_sparse(..., example_input=x)` therefore times each candidate
-layer on its real input and keeps the faster form. Convolutions stay dense: PyTorch has no
-sparse convolution kernel.
+layer on its real input and keeps the faster form. Convolutions have their own kernel, in
+`sparse_conv` (numba), used the same way.
 
 The kernel: a sparse layer computes yᵀ = W xᵀ. From `GATHER_MIN_BATCH` rows on it gathers the
 rows of xᵀ that each output needs and sums them weighted (`gather_product`: `embedding_bag`
@@ -26,6 +26,7 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,9 @@ from .reparam import find_mirror_weights, safe_deepcopy
 
 # Measured on 2 CPU cores (benchmarks/results/inference): sparse pays from about this sparsity on.
 MIN_SPARSITY = 0.8
+# Convolutions: candidates from this sparsity on, each timed on the example input (the sparse
+# kernel wins on ResNet-20's 79%-sparse first stage already; benchmarks/results/inference).
+CONV_MIN_SPARSITY = 0.25
 # Batch from which `gather_product` beats torch's CSR product (benchmarks/results/inference,
 # kernel table: 300x784, 1024x1024 and 4096x4096 layers at 80-98% sparsity).
 GATHER_MIN_BATCH = 16
@@ -128,27 +132,42 @@ class ExportReport(list):
         return "\n".join(lines)
 
 
-def export_sparse(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
+def export_sparse(model: nn.Module, min_sparsity: float | None = None,
                   example_input: torch.Tensor | None = None, inplace: bool = False,
                   report: bool = False) -> nn.Module | tuple[nn.Module, ExportReport]:
-    """A copy of a plain (finalized) model in which every nn.Linear with at least `min_sparsity`
-    exact zeros becomes a `SparseLinear` (CSR weight); other layers are left as they are.
+    """A copy of a plain (finalized) model for inference whose sparse layers compute with
+    their nonzeros only: nn.Linear layers with at least `min_sparsity` exact zeros (default
+    `MIN_SPARSITY`) become `SparseLinear` (CSR weight), and — with `example_input` and numba
+    installed (`pip install 'mirrorprune[fast]'`) — nn.Conv2d layers with at least
+    `min_sparsity` zeros (default `CONV_MIN_SPARSITY`) become `SparseConv2d`.
 
-    With `example_input` (a batch like the ones you will serve), each such layer is also timed
-    dense and sparse on the input it receives, and only those where sparse is faster are replaced:
-    small layers at batch 1 often are not (benchmarks/results/inference). Linear layers inside
-    `nn.TransformerEncoderLayer` / `nn.MultiheadAttention` stay dense: their fused inference path
-    reads the weights as dense tensors. bfloat16 / float16 layers compute with the gather kernel
-    at every batch size (torch's CSR product has no such CPU kernel). For inference: the sparse
-    layers hold buffers, not trainable parameters. `report=True` also returns an `ExportReport`
-    saying for each Linear layer which form it got and why.
+    With `example_input` (a batch like the ones you will serve), each candidate layer is also
+    timed dense and sparse on the input it receives, and only those where sparse is faster are
+    replaced: small layers at batch 1 often are not (benchmarks/results/inference).
+    Convolutions: the model is traced with torch.fx, BatchNorm folded into the convolutions,
+    and each conv (→ residual add) (→ ReLU) chain found in the graph becomes one fused sparse
+    layer; activations between sparse layers stay in the kernels' padded layout. A model
+    torch.fx cannot trace keeps its convolutions dense, and convolutions the kernel does not
+    cover (groups, dilation, stride > 2, padding > 1, non-float32) stay dense; the report says
+    which and why. The result is then a new `torch.fx.GraphModule`, also with `inplace`.
+
+    Linear layers inside `nn.TransformerEncoderLayer` / `nn.MultiheadAttention` stay dense:
+    their fused inference path reads the weights as dense tensors. bfloat16 / float16 Linear
+    layers compute with the gather kernel at every batch size (torch's CSR product has no such
+    CPU kernel). For inference: the sparse layers hold buffers, not trainable parameters; the
+    exported model may be called from several threads at once. `report=True` also returns an
+    `ExportReport` saying for each Linear and Conv2d layer which form it got and why.
     """
-    if not 0 <= min_sparsity <= 1:
+    if min_sparsity is not None and not 0 <= min_sparsity <= 1:
         raise UsageError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if find_mirror_weights(model):
         raise UsageError("export_sparse needs a plain model; call finalize() (or "
                          "pilot.finalize(sparsity)) first to get one")
     out = model if inplace else safe_deepcopy(model)
+    out, conv_decisions = _convert_convs(
+        out, example_input, CONV_MIN_SPARSITY if min_sparsity is None else min_sparsity,
+        copy=inplace)
+    min_sparsity = MIN_SPARSITY if min_sparsity is None else min_sparsity
     decisions: dict[int, ExportDecision] = {}
     chosen = []
     for owner_name, mod in out.named_modules():
@@ -187,7 +206,35 @@ def export_sparse(model: nn.Module, min_sparsity: float = MIN_SPARSITY,
                     else f"CSR; gather kernel from batch {GATHER_MIN_BATCH}")
         setattr(mod, name, SparseLinear.from_linear(child))
     _chain_transposed(out)
-    return (out, ExportReport(decisions.values())) if report else out
+    return (out, ExportReport([*conv_decisions, *decisions.values()])) if report else out
+
+
+def _convert_convs(model: nn.Module, example_input: torch.Tensor | None, min_sparsity: float,
+                   copy: bool) -> tuple[nn.Module, list[ExportDecision]]:
+    """(model traced with torch.fx, BatchNorm folded, its sparse convolutions computing with
+    `SparseConv2d` where that is faster on `example_input`; a decision per nn.Conv2d), or
+    (`model`, decisions) where no conversion is tried. Folding changes the modules of the model
+    it traces: `copy` traces a copy (the caller's own model, export_sparse(inplace=True))."""
+    from . import sparse_conv
+    from .fast import fold_batchnorm
+
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return model, []
+
+    def all_dense(reason: str) -> tuple[nn.Module, list[ExportDecision]]:
+        return model, [ExportDecision(n, tuple(m.weight.shape),
+                                      (m.weight == 0).float().mean().item(), False, reason)
+                       for n, m in convs]
+    if example_input is None:
+        return all_dense("convolutions are converted only with example_input (to time them)")
+    if not sparse_conv.available():
+        warnings.warn(f"convolutions stay dense: {sparse_conv.INSTALL_HINT}", stacklevel=3)
+        return all_dense(f"numba is not installed: {sparse_conv.INSTALL_HINT}")
+    gm, why = fold_batchnorm(safe_deepcopy(model) if copy else model)
+    if gm is None:  # (fuse traces before it changes anything)
+        return all_dense(f"model not traceable with torch.fx ({why})")
+    return gm, sparse_conv.convert_convs(gm, example_input, min_sparsity)
 
 
 def _chain_transposed(model: nn.Module) -> None:
@@ -226,18 +273,27 @@ def _layer_inputs(model: nn.Module, layers: list[nn.Module], x: torch.Tensor
     return seen
 
 
-@torch.inference_mode()
-def _sparse_is_faster(layer: nn.Linear, x: torch.Tensor, rounds: int = 7) -> bool:
-    """Median over interleaved rounds of dense vs CSR time on this layer's real input."""
+def _sparse_is_faster(layer: nn.Linear, x: torch.Tensor) -> bool:
+    """Dense vs CSR time on this layer's real input."""
     sparse = SparseLinear.from_linear(layer)
-    t = {"dense": [], "sparse": []}
+    return is_faster(lambda: sparse(x), lambda: layer(x))
+
+
+@torch.inference_mode()
+def is_faster(first: Callable[[], object], second: Callable[[], object], rounds: int = 7,
+              reps: int = 5) -> bool:
+    """Whether `first()` takes less time than `second()`: medians over interleaved rounds
+    (after one warm-up call each: first calls compile or allocate)."""
+    first()
+    second()
+    t: list[list[float]] = [[], []]
     for _ in range(rounds):
-        for key, f in (("dense", layer), ("sparse", sparse)):
+        for times, f in zip(t, (first, second)):
             t0 = time.perf_counter()
-            for _ in range(5):
-                f(x)
-            t[key].append(time.perf_counter() - t0)
-    return statistics.median(t["sparse"]) < statistics.median(t["dense"])
+            for _ in range(reps):
+                f()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(t[0]) < statistics.median(t[1])
 
 
 # ---------------------------------------------------------------- compressed checkpoints

@@ -1,0 +1,140 @@
+"""numba kernels of the sparse convolution (imported only when numba is installed).
+
+Layout ("padded planes"): an activation is an ordinary contiguous NCHW float32 tensor whose
+planes carry a zero border of P pixels. A convolution with padding p <= P then reads its
+input without bounds checks: output pixel (y, x) of output channel o is
+
+    sum over the nonzeros (c, ky, kx, w) of row o:  w * src[c][q + offset(c, ky, kx)],
+    q = y * width + x,
+
+over the flattened source planes, so each nonzero weight is one long contiguous
+multiply-add over a plane ("flat padded" trick: the positions that fall into the border
+columns compute garbage that the epilogue skips). Stride 2 reads four sub-sampled copies of
+the input (phases), which turns it into the stride-1 case. The epilogue adds the bias
+(BatchNorm folded in), the residual and the ReLU, and writes the interior of the padded
+output plane; the border is never written (the caller hands over zeroed borders).
+
+Offsets are unsigned: LLVM vectorizes `s[q + d]` only when it can prove the index does not
+wrap (signed offsets run ~20x slower; issue 17).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, uint64
+
+_FLAGS = {"fastmath": True, "cache": True, "nogil": True, "boundscheck": False}
+
+
+@njit(**_FLAGS)
+def _aligned(length):  # pragma: no cover - compiled
+    """An empty float32 array starting on a 64-byte boundary (the accumulator: its vector
+    stores would split across cache lines otherwise)."""
+    raw = np.empty(length + 16, np.float32)
+    k = ((64 - raw.ctypes.data % 64) % 64) // 4
+    return raw[k:k + length]
+
+
+@njit(**_FLAGS)
+def sparse_conv(src, out, res, indptr, chan, off, val, bias, lo, src_img, src_plane, width,
+                length, res_img, res_plane, res_w, res_pad, n_img, n_out, out_w, pad, ho,
+                wo):  # pragma: no cover - compiled
+    """One thread. Flat (1-d) arrays throughout (2-d indexing creates views in the inner
+    loops). src: n_img images of src_img floats, planes of src_plane; row o of the weight:
+    chan/off/val[indptr[o]:indptr[o + 1]] (source plane, offset in it). out: images of n_out
+    planes (ho + 2 pad) x out_w; res (res_plane < 0: none): images of res_img, planes of
+    res_plane, rows of res_w, read at (y + res_pad, x + res_pad). Outputs below lo are clipped
+    to lo (0: ReLU, -FLT_MAX: none; fastmath assumes no infinities).
+
+    Measured alternatives that ran slower here: this loop nest inside numba's parallel
+    lowering (prange; ~2x per thread: it vectorizes worse), the sizes packed into one array
+    (2x), a slice assignment to zero the accumulator (a parfor), blocks of output rows sized
+    for L1 with every channel per block, and a channel-major layout with several images per
+    pass."""
+    out_plane = (ho + 2 * pad) * out_w
+    acc = _aligned(length)
+    n_acc = uint64(length)
+    n_rows, n_cols, aw = uint64(ho), uint64(wo), uint64(width)
+    uw, rw = uint64(out_w), uint64(res_w)
+    for n in range(n_img):
+        img = n * src_img
+        for o in range(n_out):
+            for q in range(n_acc):
+                acc[q] = 0.0
+            j = indptr[o]
+            end = indptr[o + 1]
+            # four nonzeros per pass over acc: 5 loads and 1 store for 4 multiply-adds
+            while j + 4 <= end:
+                # unsigned indices: no wraparound check, so the loop vectorizes
+                b0 = uint64(img + chan[j] * src_plane + off[j])
+                b1 = uint64(img + chan[j + 1] * src_plane + off[j + 1])
+                b2 = uint64(img + chan[j + 2] * src_plane + off[j + 2])
+                b3 = uint64(img + chan[j + 3] * src_plane + off[j + 3])
+                w0, w1, w2, w3 = val[j], val[j + 1], val[j + 2], val[j + 3]
+                for q in range(n_acc):
+                    acc[q] += (w0 * src[b0 + q] + w1 * src[b1 + q]
+                               + w2 * src[b2 + q] + w3 * src[b3 + q])
+                j += 4
+            while j < end:
+                b0 = uint64(img + chan[j] * src_plane + off[j])
+                w0 = val[j]
+                for q in range(n_acc):
+                    acc[q] += w0 * src[b0 + q]
+                j += 1
+            # epilogue (unsigned indices again): bias, residual, ReLU
+            bo = bias[o]
+            dst = uint64((n * n_out + o) * out_plane + pad * out_w + pad)
+            if res_plane >= 0:
+                r = uint64(n * res_img + o * res_plane + res_pad * res_w + res_pad)
+                for y in range(n_rows):
+                    for x in range(n_cols):
+                        out[dst + y * uw + x] = max(acc[y * aw + x] + bo + res[r + y * rw + x],
+                                                    lo)
+            else:
+                for y in range(n_rows):
+                    for x in range(n_cols):
+                        out[dst + y * uw + x] = max(acc[y * aw + x] + bo, lo)
+
+
+@njit(parallel=True, **_FLAGS)
+def sparse_conv_parallel(src, out, res, indptr, chan, off, val, bias, lo, src_img, src_plane,
+                         width, length, res_img, res_plane, res_w, res_pad, n_img, n_out,
+                         out_w, pad, ho, wo, blocks):  # pragma: no cover - compiled
+    """`sparse_conv` over the threads: one task per (image, block of `blocks` output
+    channels), each calling the single-threaded kernel on its part."""
+    out_plane = (ho + 2 * pad) * out_w
+    n_blk = (n_out + blocks - 1) // blocks
+    for t in prange(n_img * n_blk):
+        n = t // n_blk
+        o0 = (t - n * n_blk) * blocks
+        o1 = min(n_out, o0 + blocks)
+        r0 = n * res_img + o0 * res_plane if res_plane >= 0 else 0
+        sparse_conv(src[n * src_img:], out[(n * n_out + o0) * out_plane:], res[r0:],
+                    indptr[o0:o1 + 1], chan, off, val, bias[o0:o1], lo, src_img, src_plane,
+                    width, length, res_img, res_plane, res_w, res_pad, 1, o1 - o0, out_w, pad,
+                    ho, wo)
+
+
+@njit(parallel=True, **_FLAGS)
+def phases(x, which, hq, wq):  # pragma: no cover - compiled
+    """Stride-2 phases of x (N, C, H, W): (N, len(which) C, hq * wq); phase k = (a, b) =
+    divmod(which[k], 2) holds x[:, :, a::2, b::2] (zero beyond)."""
+    n_img, c_in, h, w = x.shape
+    n_ph = len(which)
+    flat = x.reshape(-1)
+    out = np.zeros(n_img * n_ph * c_in * hq * wq, np.float32)
+    uw, uq = uint64(w), uint64(wq)
+    for t in prange(n_img * c_in):
+        n = t // c_in
+        c = t - n * c_in
+        src = uint64(t * h * w)
+        for k in range(n_ph):
+            a = which[k] // 2
+            b = which[k] - 2 * a
+            dst = uint64(((n * n_ph + k) * c_in + c) * hq * wq)
+            rows, cols = uint64((h - a + 1) // 2), uint64((w - b + 1) // 2)
+            for i in range(rows):
+                row = src + (uint64(a) + uint64(2) * i) * uw + uint64(b)
+                for j in range(cols):
+                    out[dst + i * uq + j] = flat[row + uint64(2) * j]
+    return out.reshape(n_img, n_ph * c_in, hq * wq)

@@ -1,0 +1,205 @@
+"""Sparse convolution export (issue 17): the numba kernel against F.conv2d, and the traced
+conversion of whole CNNs against the pruned model they came from."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mirrorprune as mp
+import mirrorprune.sparse
+from mirrorprune import sparse_conv
+from mirrorprune.models import create_model
+from mirrorprune.sparse_conv import SparseConv2d, pad_planes, unpad
+from test_fast import Branchy, _trained_bn
+
+pytestmark = pytest.mark.skipif(not sparse_conv.available(),
+                                reason="numba not installed (pip install mirrorprune[fast])")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _sparse_conv(cin, cout, k, stride, padding, bias, sparsity=0.9, seed=0) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride, padding, bias=bias).eval()
+    with torch.no_grad():
+        conv.weight[torch.rand_like(conv.weight) < sparsity] = 0
+    return conv
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0),
+                                              (3, 1, 0), ((3, 1), 1, (1, 0))])
+@pytest.mark.parametrize("batch", [1, 7, 16, 64])
+def test_kernel_equals_conv2d(k, stride, padding, batch):
+    conv = _sparse_conv(8, 12, k, stride, padding, bias=batch % 2 == 1)
+    x = torch.randn(batch, 8, 11, 14)  # odd, non-square
+    ref = conv(x).detach()
+    unit = SparseConv2d(conv)
+    assert _rel(unpad(unit(pad_planes(x))), ref) < 1e-5
+    # residual (plain and padded) and ReLU, fused
+    res = torch.randn_like(ref)
+    relu = SparseConv2d(conv, relu=True, reuse_output=True)
+    want = F.relu(ref + res)
+    assert _rel(unpad(relu(pad_planes(x), res, 0)), want) < 1e-5
+    assert _rel(unpad(relu(pad_planes(x), pad_planes(res), sparse_conv.PAD)), want) < 1e-5
+    # the border of the padded output stays zero: the next layer reads it as padding
+    out = relu(pad_planes(x), res, 0)
+    assert out[:, :, 0].abs().max() == 0 and out[:, :, :, -1].abs().max() == 0
+
+
+def test_kernel_handles_empty_rows_and_fully_zero_weights():
+    conv = _sparse_conv(4, 6, 3, 1, 1, bias=True, sparsity=1.0)
+    x = torch.randn(3, 4, 5, 5)
+    assert _rel(unpad(SparseConv2d(conv)(pad_planes(x))), conv(x).detach()) < 1e-6
+
+
+def test_unsupported_convolutions_are_refused_with_the_reason():
+    for conv, why in [(nn.Conv2d(4, 4, 3, groups=2), "groups"),
+                      (nn.Conv2d(4, 4, 3, dilation=2), "dilation"),
+                      (nn.Conv2d(4, 4, 3, stride=3), "stride"),
+                      (nn.Conv2d(4, 4, 5, padding=2), "padding"),
+                      (nn.Conv2d(4, 4, 3, padding="same"), "padding")]:
+        assert why in sparse_conv.supported(conv)
+        with pytest.raises(ValueError, match=why):
+            SparseConv2d(conv)
+
+
+@pytest.fixture
+def always_sparse(monkeypatch):
+    """Convert every candidate whatever the timing says (the timing is tested on its own)."""
+    monkeypatch.setattr(mirrorprune.sparse, "is_faster", lambda a, b, **kw: True)
+
+
+class OwnNet(nn.Module):
+    """A user's CNN: functional ReLUs, `torch.relu`, an in-place add, a max-pool, a 1x1
+    stride-2 projection and a second output of intermediate features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn_b = nn.BatchNorm2d(16)
+        self.down = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+        self.proj = nn.Conv2d(16, 24, 1, stride=2)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        y = self.bn_b(self.b(torch.relu(self.a(h))))
+        y += h
+        h = F.relu(y)
+        z = self.down(h) + self.proj(h)
+        return self.head(self.pool(z.relu()).mean((2, 3))), h
+
+
+def _pruned(model: nn.Module, shape, sparsity=0.9) -> nn.Module:
+    return mp.prune(_trained_bn(model, shape), sparsity)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg16_bn", "own"])
+def test_exported_cnn_equals_the_pruned_model(name, always_sparse):
+    model = _pruned(OwnNet() if name == "own" else create_model(name), (3, 32, 32))
+    exported, report = mp.export_sparse(model, example_input=torch.randn(2, 3, 32, 32),
+                                        report=True)
+    convs = [d for d in report if len(d.shape) == 4]
+    assert convs and any(d.sparse for d in convs)
+    assert any("ReLU" in d.reason for d in convs if d.sparse)
+    if name != "vgg16_bn":
+        assert any("residual" in d.reason for d in convs if d.sparse)
+    with torch.inference_mode():
+        for batch, hw in [(1, (32, 32)), (7, (32, 32)), (16, (32, 48)), (64, (32, 32))]:
+            x = torch.randn(batch, 3, *hw)
+            ref, out = model(x), exported(x)
+            if isinstance(ref, tuple):
+                for r, o in zip(ref, out):
+                    assert _rel(o, r) < 1e-4
+            else:
+                assert _rel(out, ref) < 1e-4
+
+
+def test_outputs_that_escape_are_not_overwritten_by_the_next_call(always_sparse):
+    model = _pruned(OwnNet(), (3, 16, 16))
+    exported = mp.export_sparse(model, example_input=torch.randn(2, 3, 16, 16))
+    x1, x2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        first = exported(x1)
+        kept = [t.clone() for t in first]
+        exported(x2)
+        for a, b in zip(first, kept):
+            assert torch.equal(a, b)
+
+
+def test_two_threads_at_once_and_two_models_do_not_share_buffers(always_sparse):
+    models = [_pruned(create_model("resnet20"), (3, 32, 32), s) for s in (0.9, 0.95)]
+    exported = [mp.export_sparse(m, example_input=torch.randn(4, 3, 32, 32)) for m in models]
+    xs = [torch.randn(4, 3, 32, 32) for _ in range(4)]
+    with torch.inference_mode():
+        want = [[m(x) for x in xs] for m in models]
+    errors = []
+
+    def work(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(5):
+                for x, w in zip(xs, want[i % 2]):
+                    errors.append(_rel(exported[i % 2](x), w))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 4 * 5 * 4 and max(errors) < 1e-4
+
+
+def test_dense_where_dense_is_faster(monkeypatch):
+    monkeypatch.setattr(mirrorprune.sparse, "is_faster", lambda a, b, **kw: False)
+    model = _pruned(create_model("resnet20"), (3, 32, 32))
+    exported, report = mp.export_sparse(model, example_input=torch.randn(2, 3, 32, 32),
+                                        report=True)
+    assert exported is not model and not any(d.sparse for d in report)
+    assert any("dense" in d.reason and "faster" in d.reason for d in report)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert _rel(exported(x), model(x)) < 1e-4  # BatchNorm folded, nothing else
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_callers_model_is_left_as_it_was(inplace, always_sparse):
+    model = _pruned(create_model("resnet20"), (3, 32, 32))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        before = model(x)
+    exported = mp.export_sparse(model, example_input=x, inplace=inplace)
+    with torch.inference_mode():
+        assert _rel(model(x), before) < 1e-5  # BatchNorm not folded into it twice
+        assert _rel(exported(x), before) < 1e-4
+
+
+def test_untraceable_model_stays_dense_with_the_reason():
+    model = _pruned(Branchy(), (3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    exported, report = mp.export_sparse(model, example_input=x, report=True)
+    assert any("not traceable" in d.reason for d in report if len(d.shape) == 4)
+    with torch.inference_mode():
+        assert _rel(exported(x), model(x)) < 1e-5
+
+
+def test_without_numba_convolutions_stay_dense_and_say_what_to_install(monkeypatch):
+    monkeypatch.setattr(sparse_conv, "_k", None)
+    model = _pruned(create_model("resnet20"), (3, 32, 32))
+    with pytest.warns(UserWarning, match=r"mirrorprune\[fast\]"):
+        exported, report = mp.export_sparse(model, example_input=torch.randn(2, 3, 32, 32),
+                                            report=True)
+    assert all(not d.sparse and "numba" in d.reason for d in report if len(d.shape) == 4)
+
+
+def test_without_example_input_convolutions_stay_dense():
+    model = _pruned(create_model("resnet20"), (3, 32, 32))
+    _, report = mp.export_sparse(model, report=True)
+    assert all("example_input" in d.reason for d in report if len(d.shape) == 4)
