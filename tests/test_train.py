@@ -154,3 +154,15 @@ def test_bf16_changes_the_forward_not_the_evaluation(tmp_path):
 def test_unknown_precision_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown precision 'fp16'; choose one of fp32, bf16"):
         _run(tmp_path, "dense", precision="fp16")
+
+
+def test_keep_large_blocks_is_a_noop_when_asked_and_says_so(monkeypatch):
+    import platform
+
+    from mirrorprune.allocator import keep_large_blocks
+
+    monkeypatch.setenv("MIRRORPRUNE_MALLOC", "default")
+    assert keep_large_blocks() is False
+    monkeypatch.delenv("MIRRORPRUNE_MALLOC")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert keep_large_blocks() is True

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from .allocator import keep_large_blocks
 from .config import add_arguments, from_args
 from .errors import UsageError
 from .files import write_json
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     unreadable file) prints one paragraph, the problem and the fix, on stderr and returns 2; a
     run stopped by non-finite numbers returns 1; Ctrl-C returns 130. No tracebacks for those."""
     args = build_parser().parse_args(argv)
+    keep_large_blocks()
     if args.func in (_compare, _iterative):
         from .train import init_distributed
 

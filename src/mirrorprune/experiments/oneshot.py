@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..allocator import keep_large_blocks
 from ..ci import mean_ci
 from ..config import option
 from ..data import ImageData
@@ -115,6 +116,7 @@ def run_many(jobs: list[Job], parallel: int, resume: bool, validation: float | N
 def _worker(cfg: OneshotConfig, method: str, seed: int, out: Path, resume: bool,
             validation: float | None, sparsities: tuple[float, ...] | None,
             threads: int) -> None:
+    keep_large_blocks()  # a fresh (spawned) process: glibc's defaults again
     torch.set_num_threads(threads)
     tr, te = load_data(cfg.dataset, preset(cfg.preset, cfg.dataset, cfg.model), cfg.data_dir,
                        validation=validation)
