@@ -40,7 +40,7 @@ except ImportError:  # the [fast] extra is optional: convolutions then stay dens
 INSTALL_HINT = "pip install 'mirrorprune[fast]' (numba) for sparse convolution kernels"
 PAD = 1  # border of the padded-planes layout: enough for 3x3 convolutions with padding 1
 _LOCK = threading.Lock()  # numba's default thread pool takes one parallel region at a time
-_POOLS = threading.local()  # per thread: {SparseConv2d: {shape: output buffer}}
+_POOLS = threading.local()  # per thread: {SparseConv2d: its reused output buffer}
 _NO_RES = np.zeros(1, np.float32)
 _NO_CLIP = -float(np.finfo(np.float32).max)  # fastmath kernels assume no infinities
 # multiply-adds below which one thread is faster than starting the parallel region
@@ -241,6 +241,7 @@ _READING_MODULES = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.MaxPool2d, nn.Adaptiv
                     nn.AdaptiveMaxPool2d)
 _READING_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d,
                       F.conv2d, F.linear, torch.mean)
+_READING_METHODS = ("mean", "sum", "amax", "amin")
 
 
 def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -268,6 +269,8 @@ def _added_to(n: fx.Node, conv: fx.Node) -> fx.Node | None:
 def _reads_only(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
         return isinstance(gm.get_submodule(n.target), (*_READING_MODULES, SparseConv2d))
+    if n.op == "call_method":
+        return n.target in _READING_METHODS
     return n.op == "call_function" and (n.target in _READING_FUNCTIONS or n.target is pad_planes)
 
 
