@@ -2,10 +2,14 @@
 # CIFAR-10 (JPEG) ResNet-20 on the whole training set (preset cpu-full: 45,000 training images,
 # the other 5,000 the validation split every value is chosen on; 10,000 test images; 30 epochs,
 # bf16 + channels_last): each method's value tuned with a 10-epoch budget on coarser (×2) grids
-# than MNIST's, then the one-shot table at 2 seeds, with and without BatchNorm recalibration.
-# About 12 hours of this 2-core machine (33 min per 30-epoch run); resumable (rerun to continue), so it can span sessions.
+# than MNIST's, then the one-shot table at 2 seeds, with and without BatchNorm recalibration,
+# then the fixed targets 90/95/98% (pilot aimed by its target controller, gmp by its ramp,
+# spred and str by their aim tables: `Method.aim`) at 2 seeds under the same budget.
+# About 20 hours of this 2-core machine (30-50 min per 30-epoch run, two at a time);
+# resumable (rerun to continue), so it spans sessions.
 #
-#   bash benchmarks/cifar10_full.sh [OUT]        (default OUT: results/oneshot-cifar10-full)
+#   bash benchmarks/cifar10_full.sh [OUT] [TARGETS_OUT]
+#        (defaults: results/oneshot-cifar10-full, results/targets-cifar10-full)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHAPE=$(python3 -c "import json; print(json.load(open('benchmarks/results/strength_transfer/choice.json'))['chosen']['shape'])")
@@ -17,4 +21,7 @@ l1 lam=2.5e-05,5e-05,0.0001,0.0002,0.0004
 spred alpha=6.25e-05,0.000125,0.00025,0.0005,0.001
 str s_init=-4,-3,-2,-1.5
 gmp target=0.9,0.95,0.98"
-exec bash benchmarks/tune_oneshot.sh "${1:-results/oneshot-cifar10-full}"
+bash benchmarks/tune_oneshot.sh "${1:-results/oneshot-cifar10-full}"
+${MIRRORPRUNE:-.venv/bin/mirrorprune} targets --dataset cifar10 --model resnet20 \
+  --preset cpu-full --resume --quiet --sparsities 0.9,0.95,0.98 --methods pilot,gmp,str,spred \
+  --seeds "$SEEDS" --parallel "${PARALLEL:-2}" --out "${2:-results/targets-cifar10-full}"
