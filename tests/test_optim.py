@@ -357,3 +357,30 @@ def test_fused_step_forms_agree_with_the_float64_reference(dtype, c):
         y = _fused_step(x.to(dtype), b.to(dtype), torch.tensor(c, dtype=dtype),
                         torch.tensor(ratio, dtype=dtype), sqrt_h).double()
         assert ((y - ref).abs()[ok] <= 8 * eps * scale[ok]).all()
+
+
+def test_compiled_small_step_form_equals_the_eager_one(monkeypatch):
+    """Steps with every |b| <= SMALL_B take the small-step form alone (4 terms): still exact
+    to float32 rounding against float64, on weights from 1e-8 to 10."""
+    from mirrorprune import optim
+
+    monkeypatch.setenv("MIRRORPRUNE_COMPILE", "1")
+    monkeypatch.setattr(optim, "_COMPILED", [])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 50, generator=g) * torch.logspace(-8, 1, 50)
+    b = (torch.rand(300, 50, generator=g) * 2 - 1) * optim.SMALL_B
+    calls = []
+    optim._compiled()
+    small = optim._COMPILED[1]
+    if small is None:
+        pytest.skip("torch.compile is not available here: the eager step is used")
+    monkeypatch.setattr(optim, "_COMPILED", [optim._COMPILED[0],
+                                             lambda *a: (calls.append(1), small(*a))])
+    got = x.clone()
+    optim.mirror_update_([got], [b / 2], 2.0, -3.0, -3.2)
+    assert calls, "the small-step form was not used"
+    ref = mirror_step(x.double(), b.double(), -3.0, -3.2)
+    xd, bd = x.double(), b.double()
+    h = torch.hypot(xd, torch.tensor(math.exp(-3.0), dtype=torch.float64))
+    scale = xd.abs() * bd.cosh() + h * bd.sinh().abs()
+    assert ((got.double() - ref).abs() <= 2e-6 * scale * math.exp(-0.8) + 1e-30).all()
