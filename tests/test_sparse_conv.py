@@ -62,7 +62,8 @@ def test_unsupported_convolutions_are_refused_with_the_reason():
                       (nn.Conv2d(4, 4, 3, dilation=2), "dilation"),
                       (nn.Conv2d(4, 4, 3, stride=3), "stride"),
                       (nn.Conv2d(4, 4, 5, padding=2), "padding"),
-                      (nn.Conv2d(4, 4, 3, padding="same"), "padding")]:
+                      (nn.Conv2d(4, 4, 3, padding="same"), "padding"),
+                      (nn.Conv2d(4, 4, 3).double(), "float32")]:
         assert why in sparse_conv.supported(conv)
         with pytest.raises(ValueError, match=why):
             SparseConv2d(conv)

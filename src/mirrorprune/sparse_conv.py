@@ -68,6 +68,8 @@ def supported(conv: nn.Module) -> str | None:
         return f"padding={conv.padding} (at most {PAD})"
     if conv.weight.dtype != torch.float32:
         return f"{conv.weight.dtype} weights (only float32)"
+    if conv.weight.device.type != "cpu":
+        return f"on {conv.weight.device} (the kernel is for CPU)"
     return None
 
 
