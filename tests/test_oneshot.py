@@ -121,3 +121,24 @@ def test_parallel_runs_equal_sequential_ones(tmp_path, capsys):
     assert (tmp_path / "par" / "runs" / "pilot" / "seed1" / "sweep.json").exists()
     assert main(["oneshot", "--parallel", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--parallel must be >= 1" in capsys.readouterr().err
+
+
+def test_tune_chooses_a_training_option_and_oneshot_takes_it(tmp_path, capsys):
+    """weight_decay is a training option: tune grids it (here for dense, unpruned), writes the
+    choice under "training", and --weight-decay carries it into the run configuration."""
+    import json
+
+    out = tmp_path / "wd"
+    assert main(["tune", "--dataset", "digits", "--model", "lenet_300_100", "--method", "dense",
+                 "--grid", "weight_decay=0,0.01", "--levels", "0", "--epochs", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    blob = json.loads((out / "tune.json").read_text())
+    assert blob["training"] == {"weight_decay": blob["best"]} and blob["hparams"] == {"dense": {}}
+    assert "--weight-decay" in capsys.readouterr().out
+    for v in (0, 0.01):
+        saved = json.loads((out / f"weight_decay={v}" / "runs" / "dense" / "seed0" /
+                            "config.json").read_text())
+        assert saved["weight_decay"] == v
+    assert main(["oneshot", "--dataset", "digits", "--weight-decay", "-1", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "--weight-decay must be >= 0" in capsys.readouterr().err

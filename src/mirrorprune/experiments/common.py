@@ -117,6 +117,9 @@ class DataConfig:
                                         "(faster CNNs on CPU and GPU); the cpu-full and paper "
                                         "presets set it")
     compile: bool | None = option(None, "torch.compile the model for training")
+    weight_decay: float | None = option(None, "override the preset's weight decay (the same "
+                                        "for every method; `tune --grid weight_decay=...` "
+                                        "chooses it on the validation split)")
 
     def data_options(self) -> dict[str, Any]:
         """This config's `DataConfig` fields, to build another experiment's config that trains
@@ -127,8 +130,10 @@ class DataConfig:
         """The preset's training configuration for one seed, with `epochs` and the speed
         options given applied."""
         tcfg = dataclasses.asdict(preset(self.preset, self.dataset, self.model)["train"])
-        speed = {k: getattr(self, k) for k in ("precision", "channels_last", "compile")
-                 if getattr(self, k) is not None}
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        speed = {k: getattr(self, k) for k in ("precision", "channels_last", "compile",
+                                               "weight_decay") if getattr(self, k) is not None}
         return TrainConfig(**{**tcfg, **speed, "seed": seed,
                               "epochs": tcfg["epochs"] if epochs is None else epochs})
 

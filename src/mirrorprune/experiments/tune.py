@@ -6,7 +6,10 @@ trained model to every level in `levels` (global magnitude, no fine-tuning) and 
 with the best mean validation accuracy over the levels and seeds. It writes `tune.csv` (one row
 per value, seed and level) and `tune.json` (the grid, the mean per value, the choice, and
 "hparams": {method: {key: value, ...}} that `oneshot`/`targets --hp-from tune.json` read).
-Runs live in OUT/KEY=VALUE/runs/METHOD/seedN and resume like oneshot's.
+Runs live in OUT/KEY=VALUE/runs/METHOD/seedN and resume like oneshot's. KEY may also be a
+training option shared by every method (`weight_decay`, with `--method dense --levels 0` the
+dense recipe): its choice is in tune.json's "training" and goes to oneshot/targets as
+`--weight-decay`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from ..methods import METHODS
 from ..provenance import provenance
 from .common import VALIDATION, DataConfig, check_parallel, load_data, preset
 from .oneshot import OneshotConfig, check_runs, run_many, run_one
+
+# grid keys that are training options shared by every method (chosen once, passed to
+# oneshot/targets as --weight-decay), not hyperparameters of the method tuned
+TRAINING_KEYS = ("weight_decay",)
 
 
 @dataclass
@@ -62,6 +69,10 @@ class TuneConfig(DataConfig):
     def one(self, value: Any) -> OneshotConfig:
         """The oneshot configuration that trains one grid value."""
         key, _ = self.parsed_grid()
+        if key in TRAINING_KEYS:
+            return OneshotConfig(**{**self.data_options(), key: value}, methods=(self.method,),
+                                 seeds=self.seeds, hparams=self.hparams, epochs=self.epochs,
+                                 exclude=self.exclude)
         hp = {**self.hparams.get(self.method, {}), key: value}
         return OneshotConfig(**self.data_options(), methods=(self.method,), seeds=self.seeds,
                              hparams={self.method: hp}, epochs=self.epochs,
@@ -111,12 +122,16 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     best = max(values, key=lambda v: scores[repr(v)])  # ties: the first in the grid
     table = "\n".join(f"{key}={v}: mean validation accuracy {100 * scores[repr(v)]:.2f}%"
                       + (" <- best" if v == best else "") for v in values)
+    if key in TRAINING_KEYS:
+        table += f"\n(a training option: pass --{key.replace('_', '-')} {best} to oneshot/targets)"
     if is_main():
         write_rows(out / "tune.csv", rows)
         write_json(out / "tune.json", {
             "tune": asdict(cfg), "method": cfg.method, "key": key, "grid": values,
             "levels": list(cfg.levels), "mean_val_accuracy": scores, "best": best,
-            "hparams": {cfg.method: {**cfg.hparams.get(cfg.method, {}), key: best}},
+            "hparams": {cfg.method: {**cfg.hparams.get(cfg.method, {}),
+                                     **({} if key in TRAINING_KEYS else {key: best})}},
+            "training": {key: best} if key in TRAINING_KEYS else {},
             "protocol": f"trained on the first {1 - cfg.val_fraction:.0%} of the training set, "
                         f"validated on its last {cfg.val_fraction:.0%}; best mean validation "
                         f"accuracy over sparsities {list(cfg.levels)} and {cfg.seeds} seed(s); "
