@@ -10,6 +10,8 @@
 #
 #   bash benchmarks/cifar10_full.sh [OUT] [TARGETS_OUT]
 #        (defaults: results/oneshot-cifar10-full, results/targets-cifar10-full)
+#   EXTRA="--weight-decay W" adds an option to every run (W: chosen by
+#   `mirrorprune tune --method dense --grid weight_decay=... --levels 0` on validation)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHAPE=$(python3 -c "import json; print(json.load(open('benchmarks/results/strength_transfer/choice.json'))['chosen']['shape'])")
@@ -24,4 +26,5 @@ gmp target=0.9,0.95,0.98"
 bash benchmarks/tune_oneshot.sh "${1:-results/oneshot-cifar10-full}"
 ${MIRRORPRUNE:-.venv/bin/mirrorprune} targets --dataset cifar10 --model resnet20 \
   --preset cpu-full --resume --quiet --sparsities 0.9,0.95,0.98 --methods pilot,gmp,str,spred \
-  --seeds "$SEEDS" --parallel "${PARALLEL:-2}" --out "${2:-results/targets-cifar10-full}"
+  --seeds "$SEEDS" --parallel "${PARALLEL:-2}" --out "${2:-results/targets-cifar10-full}" \
+  ${EXTRA:-}
