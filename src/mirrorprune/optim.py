@@ -98,20 +98,27 @@ def _horner(t: torch.Tensor, coef: tuple[float, ...]) -> torch.Tensor:
     return out
 
 
+def _h(x: torch.Tensor, c: torch.Tensor, sqrt_h: bool) -> torch.Tensor:
+    """sqrt(x² + c²): directly when c is in _SQRT_C_RANGE (`sqrt_h`), else hypot."""
+    if sqrt_h:
+        return torch.where(x.abs() < 2.0 ** 60, torch.sqrt(x * x + c * c), x.abs())
+    return torch.hypot(x, c)
+
+
+def _small_form(x: torch.Tensor, b: torch.Tensor, h: torch.Tensor, n: int) -> torch.Tensor:
+    """x·cosh b − h·sinh b with n terms of each series (|b| <= 1)."""
+    t = b * b
+    return x * _horner(t, _COSH[:n]) - h * (b * _horner(t, _SINH[:n]))
+
+
 def _fused_step(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ratio: torch.Tensor,
                 sqrt_h: bool = False) -> torch.Tensor:
     """`mirror_step` without branches (both forms, chosen per element), for torch.compile to
     fuse into one loop over the weights. cosh b and sinh b of the |b| <= 1 form are
     polynomials (exact to rounding, faster than the transcendental functions; the compiled
     expm1 is not accurate near 0); `sqrt_h` (c in _SQRT_C_RANGE) avoids hypot."""
-    if sqrt_h:
-        h = torch.where(x.abs() < 2.0 ** 60, torch.sqrt(x * x + c * c), x.abs())
-    else:
-        h = torch.hypot(x, c)
-    n = 7 if x.dtype == torch.float32 else len(_SINH)
-    bs = b.clamp(-1.0, 1.0)
-    t = bs * bs
-    small = x * _horner(t, _COSH[:n]) - h * (bs * _horner(t, _SINH[:n]))  # x·cosh b − h·sinh b
+    h = _h(x, c, sqrt_h)
+    small = _small_form(x, b.clamp(-1.0, 1.0), h, 7 if x.dtype == torch.float32 else len(_SINH))
     q = c * (c / (h + x.abs()).clamp_min(torch.finfo(x.dtype).tiny))  # h − |x|
     pos = x >= 0
     e = torch.exp(b.clamp(-80.0, 80.0))
@@ -140,14 +147,7 @@ def _fused_small_update(xs: list[torch.Tensor], ds: list[torch.Tensor], scale: t
                         c: torch.Tensor, ratio: torch.Tensor, sqrt_h: bool) -> None:
     """`_fused_update` for float32 weights when every |scale·d| <= SMALL_B."""
     for x, d in zip(xs, ds):
-        b = d * scale
-        t = b * b
-        if sqrt_h:
-            h = torch.where(x.abs() < 2.0 ** 60, torch.sqrt(x * x + c * c), x.abs())
-        else:
-            h = torch.hypot(x, c)
-        x.copy_((x * _horner(t, _COSH[:_SMALL_TERMS])
-                 - h * (b * _horner(t, _SINH[:_SMALL_TERMS]))) * ratio)
+        x.copy_(_small_form(x, d * scale, _h(x, c, sqrt_h), _SMALL_TERMS) * ratio)
 
 
 _COMPILED: list[Any] = []  # [full, small compiled updates] once made, [None] if they cannot be

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .reparam import safe_deepcopy
+
 try:
     import numba
 
@@ -351,7 +353,6 @@ def convert_convs(gm: fx.GraphModule, example_input: torch.Tensor, min_sparsity:
                                        or res.shape != values[node].shape
                                        or res.dtype != torch.float32):
             m = _Match(node, node)  # broadcasting or other dtype: the add stays dense
-            m.relu = False
             res = None
         unit = SparseConv2d(conv, relu=m.relu)
         xp = pad_planes(x)
@@ -390,7 +391,7 @@ def convert_convs(gm: fx.GraphModule, example_input: torch.Tensor, min_sparsity:
 
 def _dense_chain(conv: nn.Conv2d, relu: bool):
     """The dense computation a unit replaces, in its fastest dense form (channels_last)."""
-    cl = safe_copy_channels_last(conv)
+    cl = safe_deepcopy(conv).to(memory_format=torch.channels_last)
 
     def f(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
         y = cl(x.contiguous(memory_format=torch.channels_last))
@@ -398,10 +399,3 @@ def _dense_chain(conv: nn.Conv2d, relu: bool):
             y = y + res
         return y.relu() if relu else y
     return f
-
-
-def safe_copy_channels_last(conv: nn.Conv2d) -> nn.Conv2d:
-    c = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                  conv.padding, bias=conv.bias is not None).eval()
-    c.load_state_dict(conv.state_dict())
-    return c.to(memory_format=torch.channels_last)

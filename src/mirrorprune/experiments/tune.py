@@ -69,12 +69,9 @@ class TuneConfig(DataConfig):
     def one(self, value: Any) -> OneshotConfig:
         """The oneshot configuration that trains one grid value."""
         key, _ = self.parsed_grid()
-        if key in TRAINING_KEYS:
-            return OneshotConfig(**{**self.data_options(), key: value}, methods=(self.method,),
-                                 seeds=self.seeds, hparams=self.hparams, epochs=self.epochs,
-                                 exclude=self.exclude)
-        hp = {**self.hparams.get(self.method, {}), key: value}
-        return OneshotConfig(**self.data_options(), methods=(self.method,), seeds=self.seeds,
+        data, hp = self.data_options(), dict(self.hparams.get(self.method, {}))
+        (data if key in TRAINING_KEYS else hp)[key] = value
+        return OneshotConfig(**data, methods=(self.method,), seeds=self.seeds,
                              hparams={self.method: hp}, epochs=self.epochs,
                              exclude=self.exclude)
 
