@@ -91,3 +91,21 @@ def test_sigkill_mid_cycle_of_iterative_pruning_then_resume(tmp_path):
         got = torch.load(run / "lrr+pilot" / "seed0" / c / "checkpoint.pt",
                          weights_only=True)["model"]
         assert all(torch.equal(ref[k], got[k]) for k in ref), c
+
+
+def test_two_processes_writing_one_file_use_their_own_temporary_files(tmp_path):
+    """Two runs building the same data cache at once: each writes its own NAME.<pid>.tmp, so
+    neither renames the other's half-written file away (a FileNotFoundError before)."""
+    from mirrorprune.files import write_text
+
+    target = tmp_path / "cache.txt"
+    code = ("import sys, time\nfrom mirrorprune.files import write_text\n"
+            "start = float(sys.argv[2])\nwhile time.time() < start: pass\n"
+            "while time.time() < start + 1.5:\n    write_text(sys.argv[1], 'x' * 10_000)\n")
+    start = str(time.time() + 3)  # both begin together, after their imports
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), start],
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    write_text(target, "done")
+    assert target.read_text() == "done" and not list(tmp_path.glob("*.tmp"))

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
+from .files import atomic_write
 
 DATASETS = ("cifar10", "mnist", "fashion-mnist", "digits")
 #: (channels, height, width) of each dataset's images, known without loading them.
@@ -340,9 +341,11 @@ def _cifar_jpeg(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         arrays[f"x_{s}"] = np.stack([t[2] for t in items]).transpose(0, 3, 1, 2)
         arrays[f"y_{s}"] = np.array([CIFAR_CLASSES.index(t[0]) for t in items], dtype=np.int64)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(cache)
+
+    def save(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object: np.savez adds no ".npz" to its name
+            np.savez(f, **arrays)
+    atomic_write(cache, save)
     return arrays[f"x_{split}"], arrays[f"y_{split}"]
 
 

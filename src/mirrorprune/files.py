@@ -1,7 +1,9 @@
 """Reading and writing the project's files safely.
 
 Writes are atomic: readers, and runs killed mid-write, see the old file or the new one, never
-half of one (write to NAME.tmp beside it, then rename over it; a failed write removes NAME.tmp).
+half of one (write to NAME.<pid>.tmp beside it, then rename over it; a failed write removes
+it). The process id keeps two processes writing the same file (e.g. two runs building one data
+cache) out of each other's temporary file.
 Reads of torch files use `weights_only=True`: tensors and plain containers (dict, list, tuple,
 str, int, float, bool, None) only, so a crafted file cannot run code."""
 
@@ -23,7 +25,7 @@ from .errors import UsageError
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
