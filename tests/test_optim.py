@@ -375,7 +375,8 @@ def test_compiled_small_step_form_equals_the_eager_one(monkeypatch):
     if small is None:
         pytest.skip("torch.compile is not available here: the eager step is used")
     monkeypatch.setattr(optim, "_COMPILED", [optim._COMPILED[0],
-                                             lambda *a: (calls.append(1), small(*a))])
+                                             lambda *a: (calls.append(1), small(*a)),
+                                             *optim._COMPILED[2:]])
     got = x.clone()
     optim.mirror_update_([got], [b / 2], 2.0, -3.0, -3.2)
     assert calls, "the small-step form was not used"
@@ -384,3 +385,41 @@ def test_compiled_small_step_form_equals_the_eager_one(monkeypatch):
     h = torch.hypot(xd, torch.tensor(math.exp(-3.0), dtype=torch.float64))
     scale = xd.abs() * bd.cosh() + h * bd.sinh().abs()
     assert ((got.double() - ref).abs() <= 2e-6 * scale * math.exp(-0.8) + 1e-30).all()
+
+
+@pytest.mark.parametrize("kw", [{}, {"nesterov": True}, {"dampening": 0.3}])
+@pytest.mark.parametrize("lr", [0.05, 3.0])  # 3.0: some |b| > SMALL_B, the large-step pass
+def test_fused_momentum_and_update_equal_the_separate_steps(monkeypatch, kw, lr):
+    """On CPU float32, PILoTSGD's mirror group takes momentum and update in one compiled call
+    (and a second one for the large steps); same weights, buffers and strength as eager."""
+    from mirrorprune import optim
+
+    def train(compile_: str):
+        monkeypatch.setenv("MIRRORPRUNE_COMPILE", compile_)
+        monkeypatch.setattr(optim, "_COMPILED", [])
+        model = _model()
+        opt = PILoTSGD(param_groups(model, weight_decay=1e-3), lr=lr, momentum=0.9,
+                       strength=S.Strength(0.5, horizon=6), **kw)
+        calls = []
+        if compile_ == "1":
+            optim._compiled()
+            fused = optim._COMPILED[2]
+            if fused is None:
+                pytest.skip("torch.compile is not available here: the eager step is used")
+            full = optim._COMPILED[0]
+            optim._COMPILED[2] = lambda *a: (calls.append("fused"), fused(*a))[1]
+            optim._COMPILED[0] = lambda *a: (calls.append("large"), full(*a))[1]
+        _steps(model, opt, 6)
+        return model, opt, calls
+
+    eager, e_opt, _ = train("0")
+    fused, f_opt, calls = train("1")
+    # every step but the first (no momentum buffer yet); the large-step pass only at lr 3
+    assert calls.count("fused") == 5 and ("large" in calls) == (lr > 1)
+    # lr 3 is chaotic: rounding differences (fused multiply-adds) grow to ~1e-5 of the scale
+    tol = 1e-6 if lr < 1 else 1e-4
+    for a, b in zip(eager.parameters(), fused.parameters()):
+        ma, mb = e_opt.state[a]["momentum_buffer"], f_opt.state[b]["momentum_buffer"]
+        assert (a - b).abs().max() <= tol * a.abs().max()
+        assert (ma - mb).abs().max() <= tol * ma.abs().max()
+    assert e_opt.stats() == f_opt.stats()

@@ -127,11 +127,15 @@ def _fused_step(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ratio: torch.
 
 
 def _fused_update(xs: list[torch.Tensor], ds: list[torch.Tensor], scale: torch.Tensor,
-                  c: torch.Tensor, ratio: torch.Tensor, sqrt_h: bool) -> None:
+                  c: torch.Tensor, ratio: torch.Tensor, sqrt_h: bool,
+                  only_large: bool = False) -> None:
     """x ← c'·sinh(arcsinh(x/c) − scale·d) in place for every (x, d): compiled, one graph and
-    one guard check per step for all the weights of a group."""
+    one guard check per step for all the weights of a group. only_large: only where
+    |scale·d| > SMALL_B (the rest was done by `_fused_sgd_small_update`)."""
     for x, d in zip(xs, ds):
-        x.copy_(_fused_step(x, d * scale, c, ratio, sqrt_h))
+        b = d * scale
+        y = _fused_step(x, b, c, ratio, sqrt_h)
+        x.copy_(torch.where(b.abs() > SMALL_B, y, x) if only_large else y)
 
 
 # The |b| <= 1 form alone, with 4 terms of each series: exact to float32 rounding while
@@ -150,7 +154,31 @@ def _fused_small_update(xs: list[torch.Tensor], ds: list[torch.Tensor], scale: t
         x.copy_(_small_form(x, d * scale, _h(x, c, sqrt_h), _SMALL_TERMS) * ratio)
 
 
-_COMPILED: list[Any] = []  # [full, small compiled updates] once made, [None] if they cannot be
+def _fused_sgd_small_update(xs: list[torch.Tensor], gs: list[torch.Tensor],
+                            bufs: list[torch.Tensor], k: torch.Tensor, sqrt_h: bool,
+                            nesterov: bool) -> torch.Tensor:
+    """SGD's momentum and the small-step update in one compiled pass over the weights, for
+    float32 CPU weights whose momentum buffers exist: buf ← μ·buf + (1 − dampening)·g,
+    d = buf (Nesterov: g + μ·buf), and x takes the small-step form wherever |scale·d| <=
+    SMALL_B; elsewhere x stays as it was and `_fused_update(..., only_large=True)` finishes
+    it. k = (scale, c, c'/c, μ, 1 − dampening). Returns max |d| (to see whether any is
+    left). On LeNet-300-100 this replaces the momentum, max and update calls that cost 1.09x
+    SGD's step (issue 15)."""
+    scale, c, ratio, mu, keep = k[0], k[1], k[2], k[3], k[4]
+    tops = []
+    for x, g, buf in zip(xs, gs, bufs):
+        new = buf * mu + g * keep
+        buf.copy_(new)
+        b = (g + new * mu if nesterov else new) * scale
+        y = _small_form(x, b, _h(x, c, sqrt_h), _SMALL_TERMS) * ratio
+        x.copy_(torch.where(b.abs() <= SMALL_B, y, x))
+        tops.append(b.abs().amax())  # same loop as the update: one pass
+    return torch.stack(tops).amax() / scale
+
+
+# [full update, small-step update, SGD momentum + small-step update], compiled once made;
+# None where they cannot be
+_COMPILED: list[Any] = []
 
 
 def _compiled() -> Any:
@@ -158,9 +186,8 @@ def _compiled() -> Any:
         use = os.environ.get("MIRRORPRUNE_COMPILE", "1") != "0"
         # static shapes: kernels 2× faster than dynamic ones here; one graph per model (per
         # set of weight shapes), up to dynamo's recompile limit, beyond which it runs eagerly
-        _COMPILED.extend([torch.compile(_fused_update, dynamic=False),
-                          torch.compile(_fused_small_update, dynamic=False)] if use
-                         else [None, None])
+        fns = (_fused_update, _fused_small_update, _fused_sgd_small_update)
+        _COMPILED.extend([torch.compile(f, dynamic=False) if use else None for f in fns])
     return _COMPILED[0]
 
 
@@ -210,7 +237,7 @@ def mirror_update_(params: list[torch.Tensor], directions: list[torch.Tensor], s
                      (scale, c, math.exp(log_c_next - log_c))),
                    _SQRT_C_RANGE[0] <= c <= _SQRT_C_RANGE[1])
         except Exception:  # noqa: BLE001 - no compiler, unsupported backend: stay eager
-            _COMPILED[:] = [None, None]
+            _COMPILED[:] = [None] * len(_COMPILED)
             rest += list(zip(xs, ds))
     for p, d in rest:
         work = torch.promote_types(p.dtype, torch.float32)
@@ -268,12 +295,14 @@ class _PILoTOptimizer(torch.optim.Optimizer):
                 if group["mirror"]:
                     self._strength_step(group)  # the strength advances with every step
                 continue
-            dirs = self._directions(group, params)
             if group["mirror"]:
-                self._mirror_update(group, params, dirs)
+                self._mirror_step(group, params)
             else:
-                self._plain_update(group, params, dirs)
+                self._plain_update(group, params, self._directions(group, params))
         return loss
+
+    def _mirror_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._mirror_update(group, params, self._directions(group, params))
 
     def _directions(self, group: dict[str, Any], params: list[torch.Tensor]
                     ) -> list[torch.Tensor]:
@@ -313,6 +342,37 @@ class PILoTSGD(_PILoTOptimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening,
                                   "nesterov": nesterov, "weight_decay": weight_decay},
                          beta, strength)
+
+    def _mirror_step(self, group, params):
+        """On CPU float32 weights with momentum buffers, momentum and update in one compiled
+        call (`_fused_sgd_small_update`); the separate steps otherwise, or when a |b| is too
+        large for the small-step form."""
+        mu = group["momentum"]
+        bufs = [self.state[p].get("momentum_buffer") for p in params] if mu else []
+        _compiled()
+        fused = _COMPILED[2]
+        if not (fused and bufs and all(
+                b is not None and p.device.type == "cpu" and p.dtype == p.grad.dtype
+                == b.dtype == torch.float32 and p.is_contiguous() and p.grad.is_contiguous()
+                and b.is_contiguous() for p, b in zip(params, bufs))):
+            return super()._mirror_step(group, params)
+        saved = {key: group[key] for key in ("log_c", "pilot_step", "A")}
+        log_c, log_c_next = self._strength_step(group)
+        c = math.exp(log_c)
+        k = torch.tensor([2 * group["lr"], c, math.exp(log_c_next - log_c), mu,
+                          1 - group["dampening"]])
+        sqrt_h = _SQRT_C_RANGE[0] <= c <= _SQRT_C_RANGE[1]
+        try:  # the tensors as they are (flat views cost more in guards than they save here)
+            top = float(fused(params, [p.grad for p in params], bufs, k, sqrt_h,
+                              group["nesterov"]))
+        except Exception:  # noqa: BLE001 - no compiler: eager from now on (nothing changed)
+            _COMPILED[:] = [None] * len(_COMPILED)
+            group.update(saved)
+            return super()._mirror_step(group, params)
+        if 2 * group["lr"] * top > SMALL_B:  # rare: the large steps, where x was left as it was
+            dirs = (torch._foreach_add([p.grad for p in params], bufs, alpha=mu)
+                    if group["nesterov"] else bufs)
+            _COMPILED[0](params, dirs, k[0], k[1], k[2], sqrt_h, True)
 
     def _directions(self, group, params):
         grads = [p.grad for p in params]
