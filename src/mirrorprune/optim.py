@@ -131,7 +131,7 @@ def _fused_update(xs: list[torch.Tensor], ds: list[torch.Tensor], scale: torch.T
                   only_large: bool = False) -> None:
     """x ← c'·sinh(arcsinh(x/c) − scale·d) in place for every (x, d): compiled, one graph and
     one guard check per step for all the weights of a group. only_large: only where
-    |scale·d| > SMALL_B (the rest was done by `_fused_sgd_small_update`)."""
+    |scale·d| > SMALL_B (the rest was done by `_fused_sgd_step`)."""
     for x, d in zip(xs, ds):
         b = d * scale
         y = _fused_step(x, b, c, ratio, sqrt_h)
@@ -154,17 +154,18 @@ def _fused_small_update(xs: list[torch.Tensor], ds: list[torch.Tensor], scale: t
         x.copy_(_small_form(x, d * scale, _h(x, c, sqrt_h), _SMALL_TERMS) * ratio)
 
 
-def _fused_sgd_small_update(xs: list[torch.Tensor], gs: list[torch.Tensor],
-                            bufs: list[torch.Tensor], k: torch.Tensor, sqrt_h: bool,
-                            nesterov: bool) -> torch.Tensor:
-    """SGD's momentum and the small-step update in one compiled pass over the weights, for
-    float32 CPU weights whose momentum buffers exist: buf ← μ·buf + (1 − dampening)·g,
+def _fused_sgd_step(xs: list[torch.Tensor], gs: list[torch.Tensor], bufs: list[torch.Tensor],
+                    ps: list[torch.Tensor], pgs: list[torch.Tensor], pbufs: list[torch.Tensor],
+                    k: torch.Tensor, sqrt_h: bool, nesterov: bool) -> torch.Tensor:
+    """A whole PILoTSGD step with momentum in one compiled pass over the parameters (float32,
+    CPU, momentum buffers made): for the mirror weights xs, buf ← μ·buf + (1 − dampening)·g,
     d = buf (Nesterov: g + μ·buf), and x takes the small-step form wherever |scale·d| <=
-    SMALL_B; elsewhere x stays as it was and `_fused_update(..., only_large=True)` finishes
-    it. k = (scale, c, c'/c, μ, 1 − dampening). Returns max |d| (to see whether any is
-    left). On LeNet-300-100 this replaces the momentum, max and update calls that cost 1.09x
-    SGD's step (issue 15)."""
-    scale, c, ratio, mu, keep = k[0], k[1], k[2], k[3], k[4]
+    SMALL_B — elsewhere x stays as it was and `_fused_update(..., only_large=True)` finishes
+    it; the other parameters ps take torch's SGD step with weight decay.
+    k = (scale, c, c'/c, μ, 1 − dampening, lr and weight decay of ps). Returns max |d| of xs.
+    Issue 15: on LeNet-300-100 the separate momentum, max, update and SGD calls cost 1.09x
+    SGD's step; most of it was per-call overhead."""
+    scale, c, ratio, mu, keep, lr, wd = (k[i] for i in range(7))
     tops = []
     for x, g, buf in zip(xs, gs, bufs):
         new = buf * mu + g * keep
@@ -173,6 +174,11 @@ def _fused_sgd_small_update(xs: list[torch.Tensor], gs: list[torch.Tensor],
         y = _small_form(x, b, _h(x, c, sqrt_h), _SMALL_TERMS) * ratio
         x.copy_(torch.where(b.abs() <= SMALL_B, y, x))
         tops.append(b.abs().amax())  # same loop as the update: one pass
+    for p, g, buf in zip(ps, pgs, pbufs):
+        g = g + p * wd
+        new = buf * mu + g * keep
+        buf.copy_(new)
+        p.copy_(p - (g + new * mu if nesterov else new) * lr)
     return torch.stack(tops).amax() / scale
 
 
@@ -186,7 +192,7 @@ def _compiled() -> Any:
         use = os.environ.get("MIRRORPRUNE_COMPILE", "1") != "0"
         # static shapes: kernels 2× faster than dynamic ones here; one graph per model (per
         # set of weight shapes), up to dynamo's recompile limit, beyond which it runs eagerly
-        fns = (_fused_update, _fused_small_update, _fused_sgd_small_update)
+        fns = (_fused_update, _fused_small_update, _fused_sgd_step)
         _COMPILED.extend([torch.compile(f, dynamic=False) if use else None for f in fns])
     return _COMPILED[0]
 
@@ -295,14 +301,12 @@ class _PILoTOptimizer(torch.optim.Optimizer):
                 if group["mirror"]:
                     self._strength_step(group)  # the strength advances with every step
                 continue
+            dirs = self._directions(group, params)
             if group["mirror"]:
-                self._mirror_step(group, params)
+                self._mirror_update(group, params, dirs)
             else:
-                self._plain_update(group, params, self._directions(group, params))
+                self._plain_update(group, params, dirs)
         return loss
-
-    def _mirror_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        self._mirror_update(group, params, self._directions(group, params))
 
     def _directions(self, group: dict[str, Any], params: list[torch.Tensor]
                     ) -> list[torch.Tensor]:
@@ -343,36 +347,62 @@ class PILoTSGD(_PILoTOptimizer):
                                   "nesterov": nesterov, "weight_decay": weight_decay},
                          beta, strength)
 
-    def _mirror_step(self, group, params):
-        """On CPU float32 weights with momentum buffers, momentum and update in one compiled
-        call (`_fused_sgd_small_update`); the separate steps otherwise, or when a |b| is too
-        large for the small-step form."""
-        mu = group["momentum"]
-        bufs = [self.state[p].get("momentum_buffer") for p in params] if mu else []
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if closure is None and self._fused_step():
+            return None
+        return super().step(closure)
+
+    def _fused_step(self) -> bool:
+        """The step as one compiled call (`_fused_sgd_step`) where it applies: the groups of
+        `param_groups` (one mirror group, at most one other) with momentum, the same momentum
+        settings, every parameter float32 on the CPU with its gradient and momentum buffer.
+        False (nothing changed) elsewhere: the caller takes the step group by group."""
         _compiled()
         fused = _COMPILED[2]
-        if not (fused and bufs and all(
-                b is not None and p.device.type == "cpu" and p.dtype == p.grad.dtype
-                == b.dtype == torch.float32 and p.is_contiguous() and p.grad.is_contiguous()
-                and b.is_contiguous() for p, b in zip(params, bufs))):
-            return super()._mirror_step(group, params)
+        mirror = [g for g in self.param_groups if g["mirror"]]
+        plain = [g for g in self.param_groups if not g["mirror"]]
+        if fused is None or len(mirror) != 1 or len(plain) > 1 or not mirror[0]["momentum"]:
+            return False
+        group = mirror[0]
+        if any(g[key] != group[key] for g in plain for key in ("momentum", "dampening",
+                                                                "nesterov")):
+            return False
+        lists = []
+        for g in (group, *plain):
+            params = g["params"]
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            # float32 on the CPU (the small-step form's accuracy, no device sync); layouts
+            # need no check: the compiled graph's guards see them
+            if any(t is None for t in grads) or any(b is None for b in bufs) or not all(
+                    p.dtype is torch.float32 and p.is_cpu for p in params):
+                return False
+            lists += [params, grads, bufs]
         saved = {key: group[key] for key in ("log_c", "pilot_step", "A")}
         log_c, log_c_next = self._strength_step(group)
         c = math.exp(log_c)
-        k = torch.tensor([2 * group["lr"], c, math.exp(log_c_next - log_c), mu,
-                          1 - group["dampening"]])
+        other = (plain[0]["lr"], plain[0]["weight_decay"]) if plain else (0.0, 0.0)
+        # the step's numbers written into one reused tensor (torch.tensor costs more here)
+        k = self.__dict__.get("_fused_k")
+        if k is None:
+            k = self._fused_k = torch.zeros(7)
+        k.numpy()[:] = (2 * group["lr"], c, math.exp(log_c_next - log_c), group["momentum"],
+                        1 - group["dampening"], *other)
         sqrt_h = _SQRT_C_RANGE[0] <= c <= _SQRT_C_RANGE[1]
         try:  # the tensors as they are (flat views cost more in guards than they save here)
-            top = float(fused(params, [p.grad for p in params], bufs, k, sqrt_h,
+            top = float(fused(*lists, *([[], [], []] if not plain else []), k, sqrt_h,
                               group["nesterov"]))
         except Exception:  # noqa: BLE001 - no compiler: eager from now on (nothing changed)
             _COMPILED[:] = [None] * len(_COMPILED)
             group.update(saved)
-            return super()._mirror_step(group, params)
+            return False
         if 2 * group["lr"] * top > SMALL_B:  # rare: the large steps, where x was left as it was
-            dirs = (torch._foreach_add([p.grad for p in params], bufs, alpha=mu)
+            params, grads, bufs = lists[:3]
+            dirs = (torch._foreach_add(grads, bufs, alpha=group["momentum"])
                     if group["nesterov"] else bufs)
             _COMPILED[0](params, dirs, k[0], k[1], k[2], sqrt_h, True)
+        return True
 
     def _directions(self, group, params):
         grads = [p.grad for p in params]
