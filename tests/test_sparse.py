@@ -65,6 +65,48 @@ def test_sparse_chain_hands_over_transposed_activations(batch):
     assert [m.transposed_output for m in res if isinstance(m, mp.SparseLinear)] == [False, False]
 
 
+@pytest.mark.parametrize("batch", [16, 64, 100])
+def test_sparse_layer_hands_a_dense_one_its_output_transposed(batch):
+    """A dense nn.Linear multiplies a transposed input without a copy, so a sparse layer
+    feeding one skips its transpose back; with numba the batch >= 16 product is its kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(),
+                          nn.Linear(30, 7))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(40, 50) < 0.05)  # sparse enough; the others dense
+        model[0].weight[3] = 0  # an empty row: only its bias
+    model.eval()
+    sparse, report = mp.export_sparse(model, min_sparsity=0.8, report=True)
+    assert [d.sparse for d in report] == [True, False, False]
+    assert sparse[0].transposed_output
+    for x in (torch.randn(batch, 50), torch.randn(2, batch, 50), torch.randn(50, batch).t()):
+        with torch.inference_mode():
+            torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)  # grad mode too
+
+
+def test_sparse_linear_kernel_and_its_fallbacks_agree(monkeypatch):
+    """From batch 16 a float32 layer uses the numba kernel (with numba), the gather kernel
+    without numba; the same outputs, and the report says which."""
+    from mirrorprune import sparse_conv
+
+    torch.manual_seed(0)
+    model = mp.prune(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)), 0.9,
+                     scope="layer").eval()
+    x = torch.randn(33, 64)
+    outs = []
+    for numba_here in (sparse_conv.available(), False):
+        if not numba_here:
+            monkeypatch.setattr(sparse_conv, "_k", None)
+        sparse, report = mp.export_sparse(model, report=True)
+        assert all(f"{'numba' if numba_here else 'gather'} kernel from batch 16" in d.reason
+                   for d in report)
+        with torch.inference_mode():
+            outs.append(sparse(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0], model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_export_sparse_keeps_dense_layers_and_refuses_wrapped():
     model = _sparse_lenet(0.5)
     assert not any(isinstance(m, mp.SparseLinear) for m in mp.export_sparse(model).modules())

@@ -8,13 +8,14 @@ small batches, hardly ever; `export_sparse(..., example_input=x)` therefore time
 layer on its real input and keeps the faster form. Convolutions have their own kernel, in
 `sparse_conv` (numba), used the same way.
 
-The kernel: a sparse layer computes yᵀ = W xᵀ. From `GATHER_MIN_BATCH` rows on it gathers the
-rows of xᵀ that each output needs and sums them weighted (`gather_product`: `embedding_bag`
-over the CSR arrays), vectorized over the batch and 1.6-5x faster than torch's CSR product at
-batch 32-256; below that it calls the CSR product (`torch.sparse.mm`), faster there on most
-layers. Both need xᵀ contiguous: that transpose is the one overhead, so inside an nn.Sequential
-a sparse layer feeding another one (through elementwise modules only) hands over its output
-untransposed.
+The kernel: a sparse layer computes yᵀ = W xᵀ. From `GATHER_MIN_BATCH` rows on it sums, for
+each output, the rows of xᵀ that it needs, weighted — vectorized over the batch: with numba
+(float32, CPU inference) a kernel that fuses the bias and runs four nonzeros per pass, else
+`gather_product` (`embedding_bag` over the CSR arrays), 1.6-5x faster than torch's CSR product
+at batch 32-256; below that it calls the CSR product (`torch.sparse.mm`), faster there on most
+layers. All need xᵀ contiguous: that transpose is the one overhead, so inside an nn.Sequential
+a sparse layer feeding another Linear layer (through elementwise modules only) hands over its
+output untransposed (a dense Linear multiplies it without a copy).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,16 +86,57 @@ class SparseLinear(nn.Module):
         return cls(layer.weight, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # xᵀ contiguous (free when x is a transposed output of the previous SparseLinear)
-        xt = x.reshape(-1, self.in_features).t().contiguous()
-        if xt.shape[1] >= GATHER_MIN_BATCH or self.weight.dtype not in CSR_DTYPES:
-            y = gather_product(self.weight, xt)
+        x2 = x.reshape(-1, self.in_features)
+        kernel = None
+        if (x2.shape[0] >= GATHER_MIN_BATCH and x2.dtype is torch.float32 and x2.is_cpu
+                and not (x2.requires_grad and torch.is_grad_enabled())):
+            kernel = self._kernel()
+        if kernel is not None:
+            y = self._numba_product(x2, kernel)
         else:
-            y = torch.sparse.mm(self.weight, xt)
-        if self.bias is not None:
-            y = y.add_(self.bias.unsqueeze(1))  # y is fresh: in place is safe
-        y = y.t() if self.transposed_output else y.t().contiguous()
+            # xᵀ contiguous (free when x is a transposed output of the previous SparseLinear)
+            xt = x2.t().contiguous()
+            if xt.shape[1] >= GATHER_MIN_BATCH or self.weight.dtype not in CSR_DTYPES:
+                y = gather_product(self.weight, xt)
+            else:
+                y = torch.sparse.mm(self.weight, xt)
+            if self.bias is not None:
+                y = y.add_(self.bias.unsqueeze(1))  # y is fresh: in place is safe
+            y = y.t() if self.transposed_output else y.t().contiguous()
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel(self) -> tuple | None:
+        """(the numba kernel module, W's CSR arrays and the bias as numpy arrays) for a float32
+        CPU weight with numba installed, else None; made once per weight (`.to()` etc. make
+        a new one)."""
+        cached = self.__dict__.get("_kernel_args")
+        if cached is None or cached[0] is not self.weight:
+            from . import sparse_conv
+
+            w = self.weight
+            args = None
+            if sparse_conv.available() and w.dtype == torch.float32 and w.device.type == "cpu":
+                b = torch.zeros(self.out_features) if self.bias is None else self.bias
+                args = (sparse_conv, w.crow_indices().numpy(), w.col_indices().numpy(),
+                        w.values().numpy(), b.detach().float().numpy())
+            cached = self._kernel_args = (w, args)
+        return cached[1]
+
+    def _numba_product(self, x: torch.Tensor, kernel: tuple) -> torch.Tensor:
+        """x Wᵀ + b with the numba kernel (float32 CPU inference, batch >= GATHER_MIN_BATCH):
+        on xᵀ, each nonzero one multiply-add over a row of the batch, the bias fused. The
+        transposes in and out are numpy's (half of torch's time here) and skipped where the
+        output feeds another Linear layer (`transposed_output`). On LeNet-300-100's 784→300
+        layer at 96.9% sparsity and batch 64: 2x faster than `gather_product` (issue 17)."""
+        sc, indptr, col, val, bias = kernel
+        n = x.shape[0]
+        xt = np.ascontiguousarray(x.detach().numpy().T)  # no copy if x is transposed already
+        out = np.empty((self.out_features, n), np.float32)
+        sc.run_kernel(sc._k.sparse_linear, sc._k.sparse_linear_parallel,
+                      (indptr, col, val, bias, xt.reshape(-1), out.reshape(-1), n, 0,
+                       self.out_features),
+                      len(val) * n, lambda threads: -(-self.out_features // (4 * threads)))
+        return torch.from_numpy(out.T if self.transposed_output else np.ascontiguousarray(out.T))
 
     def extra_repr(self) -> str:
         nnz = self.weight.values().numel()
@@ -189,22 +232,30 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
                 chosen.append((mod, name, child))
     if example_input is not None:
         inputs = _layer_inputs(out, [c for _, _, c in chosen], example_input)
+        feeds = _linear_feeds(out)
+        fed_by = {id(b): a for a in out.modules() for b in [feeds.get(id(a))] if b is not None}
         kept = []
         for mod, name, c in chosen:
-            if id(c) not in inputs:
+            x = inputs.get(id(c))
+            if x is None:
                 decisions[id(c)].reason = "not reached by the example input"
-            elif not _sparse_is_faster(c, inputs[id(c)]):
-                decisions[id(c)].reason = "dense is faster on the example input"
-            else:
+                continue
+            if any(fed_by.get(id(c)) is k for _, _, k in kept):  # it will arrive transposed
+                x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+            if _sparse_is_faster(c, x, transposed_output=id(c) in feeds):
                 kept.append((mod, name, c))
+            else:
+                decisions[id(c)].reason = "dense is faster on the example input"
         chosen = kept
     for mod, name, child in chosen:
         d = decisions[id(child)]
         d.sparse = True
+        sparse = SparseLinear.from_linear(child)
+        big = "numba kernel" if sparse._kernel() is not None else "gather kernel"
         d.reason = ("CSR; gather kernel at every batch size (no CSR product for "
                     f"{_dtype_name(child.weight.dtype)})" if child.weight.dtype not in CSR_DTYPES
-                    else f"CSR; gather kernel from batch {GATHER_MIN_BATCH}")
-        setattr(mod, name, SparseLinear.from_linear(child))
+                    else f"CSR; {big} from batch {GATHER_MIN_BATCH}")
+        setattr(mod, name, sparse)
     _chain_transposed(out)
     return (out, ExportReport([*conv_decisions, *decisions.values()])) if report else out
 
@@ -237,20 +288,33 @@ def _convert_convs(model: nn.Module, example_input: torch.Tensor | None, min_spa
     return gm, sparse_conv.convert_convs(gm, example_input, min_sparsity)
 
 
-def _chain_transposed(model: nn.Module) -> None:
-    """Inside a plain nn.Sequential (whose data flow is known), let a SparseLinear whose output
-    reaches another SparseLinear through layout-keeping modules only skip transposing back:
-    the next one would transpose it again."""
+def _linear_feeds(model: nn.Module) -> dict[int, nn.Module]:
+    """id(layer) -> the layer it feeds, for Linear layers (dense or sparse) that feed another
+    through layout-keeping modules only, inside plain nn.Sequential containers (whose data
+    flow is known; subclasses may route data differently)."""
+    feeds = {}
     for seq in model.modules():
-        if type(seq) is not nn.Sequential:  # subclasses may route data differently
+        if type(seq) is not nn.Sequential:
             continue
         mods = list(seq)
         for i, m in enumerate(mods):
-            if isinstance(m, SparseLinear):
+            if isinstance(m, (nn.Linear, SparseLinear)):
                 j = i + 1
                 while j < len(mods) and type(mods[j]) in _LAYOUT_KEEPING:
                     j += 1
-                m.transposed_output = j < len(mods) and isinstance(mods[j], SparseLinear)
+                if j < len(mods) and isinstance(mods[j], (nn.Linear, SparseLinear)):
+                    feeds[id(m)] = mods[j]
+    return feeds
+
+
+def _chain_transposed(model: nn.Module) -> None:
+    """A SparseLinear whose output reaches another Linear layer skips transposing back: a
+    SparseLinear wants it transposed, and a dense one multiplies a transposed input without a
+    copy (BLAS transposes)."""
+    feeds = _linear_feeds(model)
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            m.transposed_output = id(m) in feeds
 
 
 @torch.no_grad()
@@ -273,9 +337,11 @@ def _layer_inputs(model: nn.Module, layers: list[nn.Module], x: torch.Tensor
     return seen
 
 
-def _sparse_is_faster(layer: nn.Linear, x: torch.Tensor) -> bool:
-    """Dense vs CSR time on this layer's real input."""
+def _sparse_is_faster(layer: nn.Linear, x: torch.Tensor, transposed_output: bool = False
+                      ) -> bool:
+    """Dense vs sparse time on this layer's real input (in the layout it will arrive in)."""
     sparse = SparseLinear.from_linear(layer)
+    sparse.transposed_output = transposed_output
     return is_faster(lambda: sparse(x), lambda: layer(x))
 
 

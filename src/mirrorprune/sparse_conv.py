@@ -42,7 +42,8 @@ except ImportError:  # the [fast] extra is optional: convolutions then stay dens
 INSTALL_HINT = "pip install 'mirrorprune[fast]' (numba) for sparse convolution kernels"
 PAD = 1  # border of the padded-planes layout: enough for 3x3 convolutions with padding 1
 _LOCK = threading.Lock()  # numba's default thread pool takes one parallel region at a time
-_POOLS = threading.local()  # per thread: {SparseConv2d: its reused output buffer}
+# per thread: {SparseConv2d: its reused output buffer} (.pools), numba's thread count
+_POOLS = threading.local()
 _NO_RES = np.zeros(1, np.float32)
 _NO_CLIP = -float(np.finfo(np.float32).max)  # fastmath kernels assume no infinities
 # multiply-adds below which one thread is faster than starting the parallel region
@@ -188,20 +189,17 @@ class SparseConv2d(nn.Module):
             res_w = wo + 2 * res_pad
             res_plane = (ho + 2 * res_pad) * res_w
             res_img = self.out_channels * res_plane
-        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
         n_planes = c if phase is None else len(phase[0]) * c
         sizes = (n_planes * src_plane, src_plane, width, (ho - 1) * width + wo, res_img,
                  res_plane, res_w, res_pad, n, self.out_channels, wo + 2 * PAD, PAD, ho, wo)
-        with _LOCK:
-            src = xs if phase is None else _phases(x, xs, *phase)
-            args = (src.reshape(-1), out.numpy().reshape(-1), res, indptr, chan, off, val,
-                    bias, 0.0 if self.relu else _NO_CLIP, *sizes)
-            if threads == 1 or n * work < _SERIAL_WORK:
-                _k.sparse_conv(*args)
-            else:  # tasks: whole images, or blocks of channels when images are few
-                numba.set_num_threads(threads)
-                _k.sparse_conv_parallel(
-                    *args, -(-self.out_channels // max(1, 4 * threads // n)))
+        if phase is not None:
+            with _LOCK:
+                xs = _phases(x, xs, *phase)
+        # tasks: whole images, or blocks of channels when images are few
+        run_kernel(_k.sparse_conv, _k.sparse_conv_parallel,
+                   (xs.reshape(-1), out.numpy().reshape(-1), res, indptr, chan, off, val, bias,
+                    0.0 if self.relu else _NO_CLIP, *sizes),
+                   n * work, lambda threads: -(-self.out_channels // max(1, 4 * threads // n)))
         return out
 
     def extra_repr(self) -> str:
@@ -223,6 +221,22 @@ def _phases(x: torch.Tensor, xs: np.ndarray, used: np.ndarray, hq: int, wq: int
     else:
         out = torch.stack([grid[:, :, :, int(k) // 2, :, int(k) % 2] for k in used], 1)
     return out.numpy().reshape(n, len(used) * c, hq * wq)
+
+
+def run_kernel(serial: Any, parallel: Any, args: tuple, work: int,
+               blocks: Any) -> None:
+    """serial(*args) on this thread when the work (multiply-adds) is small or torch has one
+    thread, else parallel(*args, blocks(threads)) on numba's pool with torch's thread count
+    (`torch.get_num_threads()`, capped by numba's pool), one parallel region at a time."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    with _LOCK:
+        if threads == 1 or work < _SERIAL_WORK:
+            serial(*args)
+        else:
+            if getattr(_POOLS, "threads", None) != threads:  # numba's setting is per thread
+                numba.set_num_threads(threads)
+                _POOLS.threads = threads
+            parallel(*args, blocks(threads))
 
 
 def pad_planes(x: torch.Tensor) -> torch.Tensor:

@@ -138,3 +138,42 @@ def phases(x, which, hq, wq):  # pragma: no cover - compiled
                 for j in range(cols):
                     out[dst + i * uq + j] = flat[row + uint64(2) * j]
     return out.reshape(n_img, n_ph * c_in, hq * wq)
+
+
+@njit(**_FLAGS)
+def sparse_linear(indptr, col, val, bias, xt, out, n, o0, o1):  # pragma: no cover - compiled
+    """Rows o0..o1 of out = W xᵀ + bias (one thread): W's CSR arrays, xt the input
+    transposed (in_features rows of n, flat), out (out_features rows of n, flat). Each
+    nonzero is one multiply-add over a whole row of n (the batch), four per pass."""
+    un = uint64(n)
+    for o in range(o0, o1):
+        dst = uint64(o * n)
+        b = bias[o]
+        for q in range(un):
+            out[dst + q] = b
+        j = indptr[o]
+        end = indptr[o + 1]
+        while j + 4 <= end:
+            s0, s1 = uint64(col[j] * n), uint64(col[j + 1] * n)
+            s2, s3 = uint64(col[j + 2] * n), uint64(col[j + 3] * n)
+            w0, w1, w2, w3 = val[j], val[j + 1], val[j + 2], val[j + 3]
+            for q in range(un):
+                out[dst + q] += (w0 * xt[s0 + q] + w1 * xt[s1 + q] + w2 * xt[s2 + q]
+                                 + w3 * xt[s3 + q])
+            j += 4
+        while j < end:
+            s0 = uint64(col[j] * n)
+            w0 = val[j]
+            for q in range(un):
+                out[dst + q] += w0 * xt[s0 + q]
+            j += 1
+
+
+@njit(parallel=True, **_FLAGS)
+def sparse_linear_parallel(indptr, col, val, bias, xt, out, n, o0, o1,
+                           blocks):  # pragma: no cover - compiled
+    """`sparse_linear` over the threads, `blocks` output rows per task."""
+    n_blk = (o1 - o0 + blocks - 1) // blocks
+    for t in prange(n_blk):
+        a = o0 + t * blocks
+        sparse_linear(indptr, col, val, bias, xt, out, n, a, min(o1, a + blocks))
