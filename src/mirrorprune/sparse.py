@@ -48,6 +48,10 @@ CONV_MIN_SPARSITY = 0.25
 # Batch from which `gather_product` beats torch's CSR product (benchmarks/results/inference,
 # kernel table: 300x784, 1024x1024 and 4096x4096 layers at 80-98% sparsity).
 GATHER_MIN_BATCH = 16
+# Multiply-adds below which the numba Linear kernel runs on one thread: waking numba's pool
+# costs more than it saves on small layers (LeNet-300-100 at 95%, batch 64, 2 threads: 120 µs
+# end to end on one thread, 142 µs with its 755k-multiply-add first layer on two).
+LINEAR_SERIAL_WORK = 2_000_000
 # Dtypes of torch's CPU CSR product; other dtypes (bfloat16, float16) use the gather kernel
 # (embedding_bag) at every batch size.
 CSR_DTYPES = (torch.float32, torch.float64)
@@ -135,7 +139,8 @@ class SparseLinear(nn.Module):
         sc.run_kernel(sc._k.sparse_linear, sc._k.sparse_linear_parallel,
                       (indptr, col, val, bias, xt.reshape(-1), out.reshape(-1), n, 0,
                        self.out_features),
-                      len(val) * n, lambda threads: -(-self.out_features // (4 * threads)))
+                      len(val) * n, lambda threads: -(-self.out_features // (4 * threads)),
+                      LINEAR_SERIAL_WORK)
         return torch.from_numpy(out.T if self.transposed_output else np.ascontiguousarray(out.T))
 
     def extra_repr(self) -> str:
@@ -347,11 +352,16 @@ def _sparse_is_faster(layer: nn.Linear, x: torch.Tensor, transposed_output: bool
 
 @torch.inference_mode()
 def is_faster(first: Callable[[], object], second: Callable[[], object], rounds: int = 7,
-              reps: int = 5) -> bool:
-    """Whether `first()` takes less time than `second()`: medians over interleaved rounds
-    (after one warm-up call each: first calls compile or allocate)."""
+              round_seconds: float = 2e-3) -> bool:
+    """Whether `first()` takes less time than `second()`: medians over interleaved rounds of
+    at least ~`round_seconds` each (after one warm-up call each: first calls compile or
+    allocate). Rounds of a few calls of a 30 µs layer flipped decisions from run to run."""
     first()
     second()
+    t0 = time.perf_counter()
+    first()
+    second()
+    reps = max(1, min(1000, round(round_seconds / max(time.perf_counter() - t0, 1e-7))))
     t: list[list[float]] = [[], []]
     for _ in range(rounds):
         for times, f in zip(t, (first, second)):

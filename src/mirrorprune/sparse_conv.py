@@ -223,14 +223,15 @@ def _phases(x: torch.Tensor, xs: np.ndarray, used: np.ndarray, hq: int, wq: int
     return out.numpy().reshape(n, len(used) * c, hq * wq)
 
 
-def run_kernel(serial: Any, parallel: Any, args: tuple, work: int,
-               blocks: Any) -> None:
-    """serial(*args) on this thread when the work (multiply-adds) is small or torch has one
-    thread, else parallel(*args, blocks(threads)) on numba's pool with torch's thread count
-    (`torch.get_num_threads()`, capped by numba's pool), one parallel region at a time."""
+def run_kernel(serial: Any, parallel: Any, args: tuple, work: int, blocks: Any,
+               serial_work: int = _SERIAL_WORK) -> None:
+    """serial(*args) on this thread when the work (multiply-adds) is below `serial_work` or
+    torch has one thread, else parallel(*args, blocks(threads)) on numba's pool with torch's
+    thread count (`torch.get_num_threads()`, capped by numba's pool), one parallel region at
+    a time."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     with _LOCK:
-        if threads == 1 or work < _SERIAL_WORK:
+        if threads == 1 or work < serial_work:
             serial(*args)
         else:
             if getattr(_POOLS, "threads", None) != threads:  # numba's setting is per thread
