@@ -79,32 +79,45 @@ def test_sparse_layer_hands_a_dense_one_its_output_transposed(batch):
     sparse, report = mp.export_sparse(model, min_sparsity=0.8, report=True)
     assert [d.sparse for d in report] == [True, False, False]
     assert sparse[0].transposed_output
-    for x in (torch.randn(batch, 50), torch.randn(2, batch, 50), torch.randn(50, batch).t()):
-        with torch.inference_mode():
-            torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)  # grad mode too
+    for kernel in ("gather", "numba"):
+        sparse[0].kernel = kernel
+        for x in (torch.randn(batch, 50), torch.randn(2, batch, 50),
+                  torch.randn(50, batch).t()):
+            with torch.inference_mode():
+                torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)  # grad mode
 
 
-def test_sparse_linear_kernel_and_its_fallbacks_agree(monkeypatch):
-    """From batch 16 a float32 layer uses the numba kernel (with numba), the gather kernel
-    without numba; the same outputs, and the report says which."""
+@pytest.mark.parametrize("batch", [16, 33, 64])
+def test_sparse_linear_kernels_agree_and_export_times_them(monkeypatch, batch):
+    """From batch 16 a float32 SparseLinear computes with the gather kernel or (kernel="numba",
+    numba installed) the numba one: the same outputs, for 2-d, 3-d and transposed inputs.
+    export_sparse with an example input keeps the faster one and says which; without numba,
+    gather."""
     from mirrorprune import sparse_conv
 
     torch.manual_seed(0)
     model = mp.prune(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)), 0.9,
                      scope="layer").eval()
-    x = torch.randn(33, 64)
-    outs = []
+    layer = mp.SparseLinear.from_linear(model[0])
+    fast = mp.SparseLinear.from_linear(model[0])
+    fast.kernel = "numba"
+    for x in (torch.randn(batch, 64), torch.randn(3, batch, 64), torch.randn(64, batch).t()):
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), model[0](x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer(x), model[0](x), rtol=1e-5, atol=1e-6)
+    x = torch.randn(batch, 64)
     for numba_here in (sparse_conv.available(), False):
         if not numba_here:
             monkeypatch.setattr(sparse_conv, "_k", None)
-        sparse, report = mp.export_sparse(model, report=True)
-        assert all(f"{'numba' if numba_here else 'gather'} kernel from batch 16" in d.reason
-                   for d in report)
+        sparse, report = mp.export_sparse(model, min_sparsity=0.5, example_input=x,
+                                          report=True)
+        kernels = [m.kernel for m in sparse if isinstance(m, mp.SparseLinear)]
+        assert all(f"{k} kernel from batch 16" in d.reason
+                   for k, d in zip(kernels, [d for d in report if d.sparse]))
+        assert numba_here or set(kernels) <= {"gather"}
         with torch.inference_mode():
-            outs.append(sparse(x))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(outs[0], model(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_export_sparse_keeps_dense_layers_and_refuses_wrapped():

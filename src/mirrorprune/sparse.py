@@ -73,6 +73,11 @@ class SparseLinear(nn.Module):
     """
 
     transposed_output: bool = False
+    # from batch GATHER_MIN_BATCH: "gather" (`gather_product`) or "numba" (the numba kernel,
+    # float32 CPU inference; falls back to gather elsewhere). export_sparse times both on the
+    # example input: numba won on LeNet-300-100 (2x), gather on 4096-wide layers (2.6x, the
+    # inputs no longer fit the cache and embedding_bag prefetches)
+    kernel: str = "gather"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -92,7 +97,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         kernel = None
-        if (x2.shape[0] >= GATHER_MIN_BATCH and x2.dtype is torch.float32 and x2.is_cpu
+        if (self.kernel == "numba" and x2.shape[0] >= GATHER_MIN_BATCH
+                and x2.dtype is torch.float32 and x2.is_cpu
                 and not (x2.requires_grad and torch.is_grad_enabled())):
             kernel = self._kernel()
         if kernel is not None:
@@ -131,7 +137,8 @@ class SparseLinear(nn.Module):
         on xᵀ, each nonzero one multiply-add over a row of the batch, the bias fused. The
         transposes in and out are numpy's (half of torch's time here) and skipped where the
         output feeds another Linear layer (`transposed_output`). On LeNet-300-100's 784→300
-        layer at 96.9% sparsity and batch 64: 2x faster than `gather_product` (issue 17)."""
+        layer at 96.9% sparsity and batch 64: 2x faster than `gather_product` (issue 17);
+        2.6x slower on 4096x4096 layers."""
         sc, indptr, col, val, bias = kernel
         n = x.shape[0]
         xt = np.ascontiguousarray(x.detach().numpy().T)  # no copy if x is transposed already
@@ -247,19 +254,20 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
                 continue
             if any(fed_by.get(id(c)) is k for _, _, k in kept):  # it will arrive transposed
                 x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
-            if _sparse_is_faster(c, x, transposed_output=id(c) in feeds):
-                kept.append((mod, name, c))
+            sparse = _faster_sparse(c, x, transposed_output=id(c) in feeds)
+            if sparse is not None:
+                kept.append((mod, name, sparse))
             else:
                 decisions[id(c)].reason = "dense is faster on the example input"
         chosen = kept
     for mod, name, child in chosen:
-        d = decisions[id(child)]
+        sparse = child if isinstance(child, SparseLinear) else SparseLinear.from_linear(child)
+        d = decisions[id(getattr(mod, name))]
         d.sparse = True
-        sparse = SparseLinear.from_linear(child)
-        big = "numba kernel" if sparse._kernel() is not None else "gather kernel"
         d.reason = ("CSR; gather kernel at every batch size (no CSR product for "
                     f"{_dtype_name(child.weight.dtype)})" if child.weight.dtype not in CSR_DTYPES
-                    else f"CSR; {big} from batch {GATHER_MIN_BATCH}")
+                    else f"CSR; {sparse.kernel} kernel from batch {GATHER_MIN_BATCH}")
+        sparse.transposed_output = False  # set where known, below
         setattr(mod, name, sparse)
     _chain_transposed(out)
     return (out, ExportReport([*conv_decisions, *decisions.values()])) if report else out
@@ -342,12 +350,19 @@ def _layer_inputs(model: nn.Module, layers: list[nn.Module], x: torch.Tensor
     return seen
 
 
-def _sparse_is_faster(layer: nn.Linear, x: torch.Tensor, transposed_output: bool = False
-                      ) -> bool:
-    """Dense vs sparse time on this layer's real input (in the layout it will arrive in)."""
+def _faster_sparse(layer: nn.Linear, x: torch.Tensor, transposed_output: bool = False
+                   ) -> SparseLinear | None:
+    """The layer as a SparseLinear with the faster of its kernels on this real input (in the
+    layout it will arrive in), or None where dense is faster still."""
     sparse = SparseLinear.from_linear(layer)
     sparse.transposed_output = transposed_output
-    return is_faster(lambda: sparse(x), lambda: layer(x))
+    if (x.reshape(-1, layer.in_features).shape[0] >= GATHER_MIN_BATCH
+            and sparse._kernel() is not None):
+        numba_kernel = SparseLinear.from_linear(layer)
+        numba_kernel.transposed_output, numba_kernel.kernel = transposed_output, "numba"
+        if is_faster(lambda: numba_kernel(x), lambda: sparse(x)):
+            sparse = numba_kernel
+    return sparse if is_faster(lambda: sparse(x), lambda: layer(x)) else None
 
 
 @torch.inference_mode()
