@@ -15,6 +15,7 @@ training (ru_maxrss, CPU; coarse, allocator-dependent) or torch.cuda.max_memory_
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp_
 import platform
 import resource
@@ -137,8 +138,20 @@ def interleave(fns: dict[str, Callable[[], object]], rounds: int, steps: int, de
     return times
 
 
-def time_case(case: str, device: str, rounds: int, steps: int) -> dict:
+def time_case(case: str, device: str, rounds: int, steps: int,
+              min_round: float = 0.1) -> dict:
+    """Step times and memory of every variant of `case`. Rounds last at least `min_round`
+    seconds (more steps per round for small models: a LeNet step of ~3 ms made 5-step rounds
+    so noisy that the median ratio moved by ±0.03 between runs)."""
     runs = {v: setup(case, v, device) for v in VARIANTS}
+    dense = runs["dense"]
+    for _ in range(3):
+        step(*dense)
+    _sync(device)
+    t = time.perf_counter()
+    step(*dense)
+    _sync(device)
+    steps = max(steps, math.ceil(min_round / (time.perf_counter() - t)))
     times = interleave({v: (lambda r=r: step(*r)) for v, r in runs.items()}, rounds, steps,
                        device)
     weights = mp.optim.param_groups(runs["dense"][0])[0]["params"]  # the prunable weights
@@ -147,7 +160,7 @@ def time_case(case: str, device: str, rounds: int, steps: int) -> dict:
     if device == "cpu":
         for v in VARIANTS:
             state[v]["step_peak"] = step_peak_bytes(*runs[v])
-    row = {"case": case, "reparametrized_bytes": copy}
+    row = {"case": case, "reparametrized_bytes": copy, "steps_per_round": steps}
     for v in VARIANTS:
         ratios = [a / d for a, d in zip(times[v], times["dense"])]
         row[f"{v}_ms"] = 1e3 * statistics.median(times[v])
@@ -198,7 +211,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    ap.add_argument("--steps", type=int, default=5,
+                    help="steps per timed round, at least (rounds last >= 0.1 s)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/overhead")
     a = ap.parse_args()
