@@ -120,6 +120,28 @@ def test_sparse_linear_kernels_agree_and_export_times_them(monkeypatch, batch):
             torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_exported_model_deep_copies_and_pickles_after_use(tmp_path):
+    """copy.deepcopy and torch.save of a whole exported model, also once its layers ran (and
+    cached their kernel arrays): torch alone cannot deep-copy a CSR tensor."""
+    import copy
+
+    model = _sparse_lenet(0.95)
+    x = torch.randn(32, 1, 28, 28)
+    sparse = mp.export_sparse(model)
+    for m in sparse.modules():
+        if isinstance(m, mp.SparseLinear):
+            m.kernel = "numba"
+    with torch.inference_mode():
+        y = sparse(x)
+        for other in (copy.deepcopy(sparse), copy.deepcopy(sparse)):
+            torch.testing.assert_close(other(x), y)
+        torch.save(sparse, tmp_path / "m.pt")
+        loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+        torch.testing.assert_close(loaded(x), y)
+    assert [getattr(m, "kernel", None) for m in loaded.modules()] == \
+        [getattr(m, "kernel", None) for m in sparse.modules()]
+
+
 def test_export_sparse_keeps_dense_layers_and_refuses_wrapped():
     model = _sparse_lenet(0.5)
     assert not any(isinstance(m, mp.SparseLinear) for m in mp.export_sparse(model).modules())

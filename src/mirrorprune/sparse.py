@@ -94,6 +94,17 @@ class SparseLinear(nn.Module):
     def from_linear(cls, layer: nn.Linear) -> SparseLinear:
         return cls(layer.weight, layer.bias)
 
+    def __getstate__(self) -> dict:
+        # the numba kernel's cached arrays are rebuilt on first use (and hold a module)
+        return {k: v for k, v in super().__getstate__().items() if k != "_kernel_args"}
+
+    def __deepcopy__(self, memo: dict) -> SparseLinear:
+        # torch cannot deep-copy CSR tensors ("Cannot access storage of SparseCsrTensorImpl")
+        new = SparseLinear(self.weight.to_dense(), self.bias)
+        new.transposed_output, new.kernel = self.transposed_output, self.kernel
+        memo[id(self)] = new
+        return new.train(self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         kernel = None
