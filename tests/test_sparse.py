@@ -120,6 +120,25 @@ def test_sparse_linear_kernels_agree_and_export_times_them(monkeypatch, batch):
             torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_export_times_a_layer_on_the_layout_its_input_will_arrive_in(monkeypatch):
+    """After a layer chosen sparse, the next Linear in the chain is timed on a transposed input
+    (what it will get), the first on the contiguous one."""
+    from mirrorprune import sparse as sparse_mod
+
+    seen = []
+    real = sparse_mod._faster_sparse
+
+    def spy(layer, x, transposed_output=False):
+        seen.append((x.is_contiguous(), transposed_output))
+        return real(layer, x, transposed_output)
+
+    monkeypatch.setattr(sparse_mod, "_faster_sparse", spy)
+    monkeypatch.setattr(sparse_mod, "is_faster", lambda first, second, **kw: True)  # all sparse
+    model = _sparse_lenet(0.95)
+    mp.export_sparse(model, min_sparsity=0.0, example_input=torch.randn(32, 1, 28, 28))
+    assert seen == [(True, True), (False, True), (False, False)]
+
+
 def test_exported_model_deep_copies_and_pickles_after_use(tmp_path):
     """copy.deepcopy and torch.save of a whole exported model, also once its layers ran (and
     cached their kernel arrays): torch alone cannot deep-copy a CSR tensor."""

@@ -254,23 +254,7 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
             else:
                 chosen.append((mod, name, child))
     if example_input is not None:
-        inputs = _layer_inputs(out, [c for _, _, c in chosen], example_input)
-        feeds = _linear_feeds(out)
-        fed_by = {id(b): a for a in out.modules() for b in [feeds.get(id(a))] if b is not None}
-        kept = []
-        for mod, name, c in chosen:
-            x = inputs.get(id(c))
-            if x is None:
-                decisions[id(c)].reason = "not reached by the example input"
-                continue
-            if any(fed_by.get(id(c)) is k for _, _, k in kept):  # it will arrive transposed
-                x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
-            sparse = _faster_sparse(c, x, transposed_output=id(c) in feeds)
-            if sparse is not None:
-                kept.append((mod, name, sparse))
-            else:
-                decisions[id(c)].reason = "dense is faster on the example input"
-        chosen = kept
+        chosen = _timed_choice(out, chosen, decisions, example_input)
     for mod, name, child in chosen:
         sparse = child if isinstance(child, SparseLinear) else SparseLinear.from_linear(child)
         d = decisions[id(getattr(mod, name))]
@@ -282,6 +266,31 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
         setattr(mod, name, sparse)
     _chain_transposed(out)
     return (out, ExportReport([*conv_decisions, *decisions.values()])) if report else out
+
+
+def _timed_choice(model: nn.Module, chosen: list[tuple], decisions: dict[int, ExportDecision],
+                  example_input: torch.Tensor) -> list[tuple]:
+    """The (owner, name, SparseLinear) of the candidates (owner, name, nn.Linear) that compute
+    faster sparse on the inputs `example_input` gives them, each with its faster kernel; the
+    others' decisions get their reason."""
+    inputs = _layer_inputs(model, [c for _, _, c in chosen], example_input)
+    feeds = _linear_feeds(model)
+    fed_by = {id(b): a for a in model.modules() for b in [feeds.get(id(a))] if b is not None}
+    kept, sparse_ids = [], set()
+    for mod, name, c in chosen:
+        x = inputs.get(id(c))
+        if x is None:
+            decisions[id(c)].reason = "not reached by the example input"
+            continue
+        if id(fed_by.get(id(c))) in sparse_ids:  # it will arrive transposed
+            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        sparse = _faster_sparse(c, x, transposed_output=id(c) in feeds)
+        if sparse is not None:
+            kept.append((mod, name, sparse))
+            sparse_ids.add(id(c))
+        else:
+            decisions[id(c)].reason = "dense is faster on the example input"
+    return kept
 
 
 def _convert_convs(model: nn.Module, example_input: torch.Tensor | None, min_sparsity: float,
