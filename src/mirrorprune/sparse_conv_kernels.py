@@ -1,4 +1,5 @@
-"""numba kernels of the sparse convolution (imported only when numba is installed).
+"""numba kernels of the sparse convolution — and of `SparseLinear` at batch >= 16, at the end
+(imported only when numba is installed).
 
 Layout ("padded planes"): an activation is an ordinary contiguous NCHW float32 tensor whose
 planes carry a zero border of P pixels. A convolution with padding p <= P then reads its
