@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # CIFAR-10 (JPEG) ResNet-20 on the whole training set (preset cpu-full: 45,000 training images,
-# the other 5,000 the validation split every value is chosen on; 10,000 test images; 30 epochs,
-# bf16 + channels_last): each method's value tuned with a 10-epoch budget on coarser (×2) grids
+# the other 5,000 the validation split every value is chosen on; 10,000 test images; 45 epochs,
+# weight decay 5e-4, bf16 + channels_last): each method's value tuned with a 10-epoch budget on coarser (×2) grids
 # than MNIST's, then the one-shot table at 2 seeds, with and without BatchNorm recalibration,
 # then the fixed targets 90/95/98% (pilot aimed by its target controller, gmp by its ramp,
 # spred and str by their aim tables: `Method.aim`) at 2 seeds under the same budget.
-# About 20 hours of this 2-core machine (30-50 min per 30-epoch run, two at a time);
+# About 30 hours of this 2-core machine (~45-80 min per 45-epoch run, two at a time);
 # resumable (rerun to continue), so it spans sessions.
 #
 #   bash benchmarks/cifar10_full.sh [OUT] [TARGETS_OUT]
 #        (defaults: results/oneshot-cifar10-full, results/targets-cifar10-full)
-#   EXTRA="--weight-decay W" adds an option to every run (W: chosen by
-#   `mirrorprune tune --method dense --grid weight_decay=... --levels 0` on validation)
+#   EXTRA="..." adds options to every run (e.g. --weight-decay W; the preset's 5e-4 was chosen
+#   by `mirrorprune tune --method dense --grid weight_decay=... --levels 0` on validation)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHAPE=$(python3 -c "import json; print(json.load(open('benchmarks/results/strength_transfer/choice.json'))['chosen']['shape'])")

@@ -30,7 +30,7 @@ VALIDATION = 0.1  # the last fraction of a training set: the validation split ev
 def preset(name: str, dataset: str, model: str) -> dict[str, Any]:
     """Training budget: `paper` (SPEC §4.2, for a GPU), `cpu` (minutes per run here) or
     `cpu-full` (CIFAR-10: the whole training set minus the validation split, the whole test
-    set, bf16 + channels_last; about 33 minutes per ResNet-20 run here).
+    set, bf16 + channels_last, 45 epochs; about 47 minutes per ResNet-20 run here).
 
     "holdout": the final runs train without the validation split too, so that tuning and the
     table train on the same examples."""
@@ -43,9 +43,10 @@ def preset(name: str, dataset: str, model: str) -> dict[str, Any]:
         if dataset != "cifar10":
             raise UsageError(f"preset cpu-full is for cifar10 (the cpu preset already trains "
                              f"{dataset} on its whole training set)")
-        # 30 epochs, 1 warm-up: the budget issue 16 sized for ~88-90% dense; the dense run of
-        # benchmarks/cifar10_full.sh measures it
-        return {"train": TrainConfig(epochs=30, batch_size=128, lr=0.1, weight_decay=1e-4,
+        # 45 epochs, 1 warm-up, weight decay 5e-4: chosen for dense on the validation split
+        # (results/cifar10-full-recipe/): 86.7% at 30 epochs (1e-4: 85.4%), 87.6% at 45, 87.7%
+        # at 60 — saturated short of issue 16's 88% on this JPEG copy of CIFAR-10, so 45
+        return {"train": TrainConfig(epochs=45, batch_size=128, lr=0.1, weight_decay=5e-4,
                                      warmup_epochs=1, **fast),
                 "lr_scale_mw": 2.0, "train_subset": None, "test_subset": None,
                 "holdout": VALIDATION}
