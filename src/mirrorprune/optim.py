@@ -166,19 +166,20 @@ def _fused_sgd_step(xs: list[torch.Tensor], gs: list[torch.Tensor], bufs: list[t
     Issue 15: on LeNet-300-100 the separate momentum, max, update and SGD calls cost 1.09x
     SGD's step; most of it was per-call overhead."""
     scale, c, ratio, mu, keep, lr, wd = (k[i] for i in range(7))
+
+    def direction(g: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        new = buf * mu + g * keep  # torch's SGD momentum, the buffer updated in place
+        buf.copy_(new)
+        return g + new * mu if nesterov else new
+
     tops = []
     for x, g, buf in zip(xs, gs, bufs):
-        new = buf * mu + g * keep
-        buf.copy_(new)
-        b = (g + new * mu if nesterov else new) * scale
+        b = direction(g, buf) * scale
         y = _small_form(x, b, _h(x, c, sqrt_h), _SMALL_TERMS) * ratio
         x.copy_(torch.where(b.abs() <= SMALL_B, y, x))
         tops.append(b.abs().amax())  # same loop as the update: one pass
     for p, g, buf in zip(ps, pgs, pbufs):
-        g = g + p * wd
-        new = buf * mu + g * keep
-        buf.copy_(new)
-        p.copy_(p - (g + new * mu if nesterov else new) * lr)
+        p.copy_(p - direction(g + p * wd, buf) * lr)
     return torch.stack(tops).amax() / scale
 
 
