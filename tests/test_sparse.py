@@ -88,6 +88,37 @@ def test_sparse_layer_hands_a_dense_one_its_output_transposed(batch):
             torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)  # grad mode
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_export_times_the_layout_a_sparse_layer_hands_a_dense_one(monkeypatch, faster):
+    """With an example input, the dense consumer of a sparse layer is timed on the transposed
+    input and on a contiguous one (LeNet's 100→10 layer is 3x slower transposed): the export
+    keeps the faster, and the outputs are the same either way."""
+    from mirrorprune import sparse as sparse_mod
+
+    seen = []
+
+    def timed(layer, x):
+        seen.append((layer, x.is_contiguous(), tuple(x.shape)))
+        return faster
+
+    monkeypatch.setattr(sparse_mod, "_transposed_is_faster", timed)
+    monkeypatch.setattr(sparse_mod, "is_faster", lambda first, second, **kw: True)  # sparse
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(),
+                          nn.Linear(30, 7), nn.Linear(7, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(40, 50) < 0.05)  # the first sparse, the others dense
+    model.eval()
+    x = torch.randn(24, 50)
+    sparse = mp.export_sparse(model, min_sparsity=0.8, example_input=x)
+    assert isinstance(sparse[0], mp.SparseLinear) and type(sparse[2]) is nn.Linear
+    assert [(type(m).__name__, c, shape) for m, c, shape in seen] == [("Linear", False,
+                                                                      (24, 40))]
+    assert seen[0][0] is sparse[2] and sparse[0].transposed_output is faster
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch", [16, 33, 64])
 def test_sparse_linear_kernels_agree_and_export_times_them(monkeypatch, batch):
     """From batch 16 a float32 SparseLinear computes with the gather kernel or (kernel="numba",
