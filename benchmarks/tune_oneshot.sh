@@ -60,7 +60,8 @@ if [ -n "${BNRECAL:-}" ]; then
   mkdir -p "$OUT-bnrecal"
   for d in "$OUT"/runs/*/seed*; do
     rel=${d#"$OUT"/}
-    [ -f "$OUT-bnrecal/$rel/checkpoint.pt" ] || { mkdir -p "$OUT-bnrecal/$rel" && cp "$d"/checkpoint.pt "$d"/config.json "$d"/log.* "$OUT-bnrecal/$rel/"; }
+    # (a run whose recalibrated results are kept, sweep.json without checkpoint, is done)
+    [ -f "$OUT-bnrecal/$rel/checkpoint.pt" ] || [ -f "$OUT-bnrecal/$rel/sweep.json" ] || { mkdir -p "$OUT-bnrecal/$rel" && cp "$d"/checkpoint.pt "$d"/config.json "$d"/log.* "$OUT-bnrecal/$rel/"; }
   done
   # shellcheck disable=SC2086
   $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \

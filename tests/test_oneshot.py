@@ -31,6 +31,33 @@ def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys):
     assert (tmp_path / "oneshot.csv").read_text() == before
 
 
+def test_finished_runs_kept_as_results_without_checkpoints(tmp_path, capsys):
+    """What is committed of a finished run (sweep.json, config.json, logs; not the checkpoint)
+    is enough to resume: the table is rebuilt without training. Anything that would need the
+    model again (another evaluation, another configuration) is refused, not trained over."""
+    import shutil
+
+    base = ["oneshot", "--dataset", "digits", "--methods", "dense,pilot", "--seeds", "1",
+            "--epochs", "2", "--quiet"]
+    first = tmp_path / "first"
+    assert main([*base, "--out", str(first)]) == 0
+    kept = tmp_path / "kept"
+    shutil.copytree(first, kept, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    assert not list(kept.rglob("checkpoint.pt"))
+    assert main([*base, "--out", str(kept), "--resume"]) == 0
+    assert not list(kept.rglob("checkpoint.pt"))  # nothing was trained
+    assert (kept / "oneshot.csv").read_text() == (first / "oneshot.csv").read_text()
+    capsys.readouterr()
+    runs = tmp_path / "runs-only"  # the run folders alone: no folder-level settings to check
+    shutil.copytree(kept / "runs", runs / "runs")
+    for extra, msg in ([], "resume (--resume) to reuse them"),\
+            (["--resume", "--bn-recalibrate"], "evaluated otherwise"),\
+            (["--resume", "--weight-decay", "0.01"], "trained with another configuration"):
+        assert main([*base, "--out", str(runs), *extra]) == 2
+        assert msg in capsys.readouterr().err
+    assert not list(runs.rglob("checkpoint.pt"))
+
+
 def test_oneshot_validation(tmp_path, capsys):
     for args, msg in ((["--methods", "dense,magic"], "unknown method"),
                       (["--methods", "dense", "--hp", "pilot.alpha=1"], "not run"),

@@ -389,6 +389,34 @@ def run_config(cfg: TrainConfig, method: Method, lr_scale: float, dataset: str,
             "train_size": train_size, "dataset": dataset}
 
 
+def _config_diff(saved: dict, config: dict, method: Method) -> str:
+    """The differences between a recorded run configuration and `config`, listed ("" if
+    none); keys whose value is None in `config` are not compared (unknown yet)."""
+    saved = json.loads(json.dumps(saved, default=str))
+    now = json.loads(json.dumps(config, default=str))
+    # a training option added later, at its default, changes nothing
+    for k, v in json.loads(json.dumps(asdict(TrainConfig()), default=str)).items():
+        saved.setdefault(k, v)
+    # a hyperparameter added to the method later, at its default, changes nothing
+    saved["hparams"] = {**json.loads(json.dumps(method.defaults, default=str)),
+                        **saved.get("hparams", {})}
+    keys = [k for k in sorted(set(saved) | set(now)) if now.get(k, 0) is not None]
+    return "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+                     for k in keys if saved.get(k) != now.get(k))
+
+
+def recorded_config_matches(out: str | Path, config: dict, method: Method) -> bool:
+    """Whether the run in `out` recorded (config.json) the configuration `config` — how a
+    finished run whose checkpoint was removed (its results kept) is recognized."""
+    path = Path(out) / "config.json"
+    if not path.exists():
+        return False
+    recorded = json.loads(path.read_text())
+    for k in ("world_size", "provenance"):  # recorded, not compared
+        recorded.pop(k, None)
+    return not _config_diff(recorded, config, method)
+
+
 def check_resume(out: str | Path, config: dict, method: Method, resume: bool
                  ) -> dict[str, Any] | None:
     """The checkpoint in `out` to continue (None if there is none), after checking that
@@ -405,19 +433,8 @@ def check_resume(out: str | Path, config: dict, method: Method, resume: bool
     if not isinstance(ck, dict) or not {"config", "model", "optimizer", "method", "epoch",
                                         "history"} <= set(ck):
         raise UsageError(f"{path} is not a training checkpoint of mirrorprune; move it away")
-    saved = json.loads(json.dumps(ck["config"], default=str))
-    now = json.loads(json.dumps(config, default=str))
-    # a training option added later, at its default, changes nothing
-    for k, v in json.loads(json.dumps(asdict(TrainConfig()), default=str)).items():
-        saved.setdefault(k, v)
-    # a hyperparameter added to the method later, at its default, changes nothing
-    saved["hparams"] = {**json.loads(json.dumps(method.defaults, default=str)),
-                        **saved.get("hparams", {})}
-    keys = [k for k in sorted(set(saved) | set(now)) if now.get(k, 0) is not None]
-    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
-    if diff:
-        shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in
-                          diff.items())
+    shown = _config_diff(ck["config"], config, method)
+    if shown:
         raise UsageError(f"checkpoint {path} was made with another configuration ({shown}); "
                          "resume with the same options, or use another output folder")
     return ck

@@ -24,12 +24,20 @@ from ..ci import mean_ci
 from ..config import option
 from ..data import ImageData
 from ..distributed import is_main
+from ..errors import UsageError
 from ..files import write_json, write_rows, write_text
-from ..methods import create_method
+from ..methods import Method, create_method
 from ..models import create_model
 from ..provenance import provenance
 from ..prune import prune, sparsity_report
-from ..train import check_resume, evaluate, recalibrate_bn, run_config, train
+from ..train import (
+    check_resume,
+    evaluate,
+    recalibrate_bn,
+    recorded_config_matches,
+    run_config,
+    train,
+)
 from .common import (
     MethodsConfig,
     check_methods,
@@ -66,13 +74,16 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     model = create_model(cfg.model, 10, tr.shape)
     method = create_method(method_name, exclude=cfg.exclude, **cfg.hparams.get(method_name, {}))
     scale = p["lr_scale_mw"] if method.uses_mw else 1.0
-    history = train(model, method, tr, te, tcfg, rundir, resume=resume, progress=progress,
-                    lr_scale=scale)
     sweep_file = rundir / "sweep.json"
     # the recalibration recipe is part of the key: results of an older recipe are recomputed
     key = {"bn_recalibrate": "train-augmentation" if cfg.bn_recalibrate else False,
            "test_size": len(te), "epochs": tcfg.epochs, "levels": levels,
            "hparams": json.loads(json.dumps(method.hp, default=str))}
+    if sweep_file.exists() and not (rundir / "checkpoint.pt").exists():
+        return _kept_results(rundir, key, run_config(tcfg, method, scale, cfg.dataset, None),
+                             method, resume)
+    history = train(model, method, tr, te, tcfg, rundir, resume=resume, progress=progress,
+                    lr_scale=scale)
     if sweep_file.exists():
         cached = json.loads(sweep_file.read_text())
         if cached.get("key") == key:
@@ -90,6 +101,26 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     if is_main():
         write_json(sweep_file, {"key": key, "rows": rows})
     return rows
+
+
+def _kept_results(rundir: Path, key: dict, config: dict, method: Method, resume: bool
+                  ) -> list[dict]:
+    """The rows of a finished run kept as its results (sweep.json, config.json and logs: what
+    is committed) without its checkpoint. Nothing can be recomputed without the checkpoint, so
+    anything but a resume of the same run and evaluation is refused, not trained over."""
+    if not resume:
+        raise UsageError(f"{rundir} holds a finished run's results: resume (--resume) to reuse "
+                         "them, or choose another output folder")
+    cached = json.loads((rundir / "sweep.json").read_text())
+    if not recorded_config_matches(rundir, config, method):
+        why = "it was trained with another configuration"
+    elif cached.get("key") != key:
+        why = "it was evaluated otherwise (sparsities, test set or BatchNorm recalibration)"
+    else:
+        return cached["rows"]
+    raise UsageError(f"{rundir} holds a finished run's results without its checkpoint, and "
+                     f"{why}: evaluating it again needs the checkpoint (or use another output "
+                     "folder)")
 
 
 Job = tuple[OneshotConfig, str, int, Path, "tuple[float, ...] | None"]
