@@ -1,6 +1,7 @@
 """Sparse convolution export (issue 17): the numba kernel against F.conv2d, and the traced
 conversion of whole CNNs against the pruned model they came from."""
 
+import random
 import threading
 
 import pytest
@@ -51,10 +52,35 @@ def test_kernel_equals_conv2d(k, stride, padding, batch):
     assert out[:, :, 0].abs().max() == 0 and out[:, :, :, -1].abs().max() == 0
 
 
-def test_kernel_handles_empty_rows_and_fully_zero_weights():
-    conv = _sparse_conv(4, 6, 3, 1, 1, bias=True, sparsity=1.0)
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
+def test_kernel_handles_empty_rows_and_fully_zero_weights(k, stride, padding):
+    # a layer pruned away entirely (global pruning at 99% does that to some): its bias only
+    conv = _sparse_conv(4, 6, k, stride, padding, bias=True, sparsity=1.0)
     x = torch.randn(3, 4, 5, 5)
     assert _rel(unpad(SparseConv2d(conv)(pad_planes(x))), conv(x).detach()) < 1e-6
+
+
+def test_kernel_equals_conv2d_on_random_shapes():
+    """Random channel counts, kernel sizes (1, 2, 3, 5), strides, paddings, sizes down to the
+    kernel's, batches, sparsities (0 to 1), ReLU and residuals, twice each (a reused output
+    buffer must come back with a zero border)."""
+    rng = random.Random(0)
+    for _ in range(60):
+        kh, kw = rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 3, 5])
+        conv = _sparse_conv(rng.randint(1, 12), rng.randint(1, 12), (kh, kw), rng.choice([1, 2]),
+                            (rng.randint(0, 1), rng.randint(0, 1)), rng.random() < 0.5,
+                            sparsity=rng.choice([0.0, 0.5, 0.9, 0.99, 1.0]),
+                            seed=rng.randint(0, 999))
+        x = torch.randn(rng.choice([1, 2, 3, 16, 17]), conv.in_channels,
+                        rng.randint(kh, 14), rng.randint(kw, 14))
+        ref = conv(x).detach()
+        res = torch.randn_like(ref)
+        unit = SparseConv2d(conv, relu=True, reuse_output=rng.random() < 0.5)
+        for _ in range(2):
+            out = unit(pad_planes(x), pad_planes(res), sparse_conv.PAD)
+            assert _rel(unpad(out), F.relu(ref + res)) < 1e-5
+            assert sum(out[:, :, i].abs().sum() + out[:, :, :, i].abs().sum()
+                       for i in (0, -1)) == 0
 
 
 def test_unsupported_convolutions_are_refused_with_the_reason():

@@ -146,6 +146,8 @@ class SparseConv2d(nn.Module):
                 wq = max((wp + 1) // 2, wo + mx)
                 hq = max((hp + 1) // 2, ho + my)
                 used, k = np.unique((dy % 2) * 2 + dx % 2, return_inverse=True)
+                if not len(used):  # no nonzero weight: one phase to read nothing from
+                    used = np.zeros(1, np.int64)
                 width, phase = wq, (used.astype(np.int64), hq, wq)
                 chan = k.reshape(-1) * c + self.chan.numpy()
                 off = (dy // 2) * wq + dx // 2
