@@ -16,7 +16,8 @@
 # at 90/95/98%. PILoT (both forms) uses the default shape
 # (benchmarks/results/strength_transfer/choice.json); PILoTAdamW (experimental) its default
 # lr_factor 0.1. JOBS tunes at a time, each training PARALLEL runs at once (defaults 1 and 2), and
-# the table PARALLEL runs at once; MIRRORPRUNE is the command; EXTRA adds options to every call;
+# the table PARALLEL runs at once; MIRRORPRUNE is the command; EXTRA adds options to every call,
+# TUNE_EXTRA to the tunes only (e.g. --bn-recalibrate: validate after BatchNorm recalibration);
 # BNRECAL=1 adds the table after BatchNorm recalibration (OUT-bnrecal, same trained runs);
 # GRIDS replaces the grids (lines "METHOD KEY=v1,v2,... [--hp=...]").
 set -euo pipefail
@@ -48,7 +49,7 @@ COMMON="--dataset $DATASET --model $MODEL --preset $PRESET --resume --quiet ${EX
 echo "$GRIDS" | while read -r m rest; do
   case " $METHODS " in *" $m "*) echo "$m $rest";; esac
 done | xargs -r -P "$JOBS" -L 1 sh -c \
-  "$MP tune $COMMON ${TUNE_EPOCHS:+--epochs $TUNE_EPOCHS} --parallel $PARALLEL --method \$0 \
+  "$MP tune $COMMON ${TUNE_EPOCHS:+--epochs $TUNE_EPOCHS} ${TUNE_EXTRA:-} --parallel $PARALLEL --method \$0 \
    --grid \$1 \$2 --out $OUT/tune/\$0 > /dev/null && echo tuned \$0"
 HPFROM=$(for m in $METHODS; do f="$OUT/tune/$m/tune.json"; [ -f "$f" ] && printf -- '--hp-from %s ' "$f"; done; true)
 # shellcheck disable=SC2086

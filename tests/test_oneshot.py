@@ -150,6 +150,28 @@ def test_parallel_runs_equal_sequential_ones(tmp_path, capsys):
     assert "--parallel must be >= 1" in capsys.readouterr().err
 
 
+def test_tune_can_validate_after_batchnorm_recalibration(tmp_path, capsys):
+    """--bn-recalibrate re-estimates BatchNorm statistics on the training split after pruning,
+    before validating (a short-budget BatchNorm net pruned to 90%+ is near chance for every
+    value otherwise); the same trained runs re-evaluated without it give other numbers."""
+    import json
+
+    args = ["tune", "--dataset", "digits", "--model", "resnet20", "--method", "l1", "--grid",
+            "lam=1e-5,1e-4", "--levels", "0.9", "--epochs", "1", "--quiet", "--out",
+            str(tmp_path)]
+    assert main([*args, "--bn-recalibrate"]) == 0
+    sweep = tmp_path / "lam=1e-05" / "runs" / "l1" / "seed0" / "sweep.json"
+    recal = json.loads(sweep.read_text())
+    assert recal["key"]["bn_recalibrate"] == "train-augmentation"
+    assert "BatchNorm statistics re-estimated" in json.loads(
+        (tmp_path / "tune.json").read_text())["protocol"]
+    assert main([*args, "--resume"]) == 0  # the checkpoints re-evaluated, not retrained
+    plain = json.loads(sweep.read_text())
+    assert plain["key"]["bn_recalibrate"] is False
+    assert plain["rows"][0]["accuracy"] != recal["rows"][0]["accuracy"]
+    capsys.readouterr()
+
+
 def test_tune_chooses_a_training_option_and_oneshot_takes_it(tmp_path, capsys):
     """weight_decay is a training option: tune grids it (here for dense, unpruned), writes the
     choice under "training", and --weight-decay carries it into the run configuration."""

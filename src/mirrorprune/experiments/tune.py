@@ -48,6 +48,10 @@ class TuneConfig(DataConfig):
     val_fraction: float = option(VALIDATION, "the last fraction of the training set held out for "
                                  "validation")
     exclude: tuple[str, ...] = option((), "module names (globs) kept dense", repeat=True)
+    bn_recalibrate: bool = option(False, "re-estimate BatchNorm statistics (on the training "
+                                  "split) after pruning, before validating: without it, a "
+                                  "short-budget BatchNorm network pruned to 90%+ is near chance "
+                                  "for every value and the choice is noise")
     parallel: int = option(1, "runs (grid value × seed) trained at once, each in a process of "
                            "its own: the CPU's threads are divided between them, a GPU is shared")
     hparams: dict[str, dict[str, Any]] = option({}, "fixed hyperparameters (--hp)", cli=False)
@@ -73,7 +77,7 @@ class TuneConfig(DataConfig):
         (data if key in TRAINING_KEYS else hp)[key] = value
         return OneshotConfig(**data, methods=(self.method,), seeds=self.seeds,
                              hparams={self.method: hp}, epochs=self.epochs,
-                             exclude=self.exclude)
+                             exclude=self.exclude, bn_recalibrate=self.bn_recalibrate)
 
     def validate(self) -> None:
         key, values = self.parsed_grid()
@@ -131,7 +135,10 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
             "training": {key: best} if key in TRAINING_KEYS else {},
             "protocol": f"trained on the first {1 - cfg.val_fraction:.0%} of the training set, "
                         f"validated on its last {cfg.val_fraction:.0%}; best mean validation "
-                        f"accuracy over sparsities {list(cfg.levels)} and {cfg.seeds} seed(s); "
+                        f"accuracy over sparsities {list(cfg.levels)}"
+                        + (" (BatchNorm statistics re-estimated on the training split after "
+                           "pruning)" if cfg.bn_recalibrate else "")
+                        + f" and {cfg.seeds} seed(s); "
                         "the test set is not used",
             "train_size": len(tr), "val_size": len(val), "provenance": provenance()})
     return {"table": table, "rows": rows, "best": best, "seconds": time.time() - t0,
