@@ -63,28 +63,34 @@ def sparse_conv(src, out, res, indptr, chan, off, val, bias, lo, src_img, src_pl
     for n in range(n_img):
         img = n * src_img
         for o in range(n_out):
-            for q in range(n_acc):
-                acc[q] = 0.0
             j = indptr[o]
             end = indptr[o + 1]
-            # four nonzeros per pass over acc: 5 loads and 1 store for 4 multiply-adds
-            while j + 4 <= end:
+            first = True
+            # four nonzeros per pass over acc: 5 loads and 1 store for 4 multiply-adds; the
+            # last pass fills up with weight 0 (cheaper than a pass per leftover nonzero), and
+            # the first writes (no pass to zero acc; an empty row writes zeros)
+            while first or j < end:
                 # unsigned indices: no wraparound check, so the loop vectorizes
-                b0 = uint64(img + chan[j] * src_plane + off[j])
-                b1 = uint64(img + chan[j + 1] * src_plane + off[j + 1])
-                b2 = uint64(img + chan[j + 2] * src_plane + off[j + 2])
-                b3 = uint64(img + chan[j + 3] * src_plane + off[j + 3])
-                w0, w1, w2, w3 = val[j], val[j + 1], val[j + 2], val[j + 3]
-                for q in range(n_acc):
-                    acc[q] += (w0 * src[b0 + q] + w1 * src[b1 + q]
-                               + w2 * src[b2 + q] + w3 * src[b3 + q])
+                b0 = b1 = b2 = b3 = uint64(img)
+                w0 = w1 = w2 = w3 = np.float32(0)
+                if j < end:
+                    b0, w0 = uint64(img + chan[j] * src_plane + off[j]), val[j]
+                if j + 1 < end:
+                    b1, w1 = uint64(img + chan[j + 1] * src_plane + off[j + 1]), val[j + 1]
+                if j + 2 < end:
+                    b2, w2 = uint64(img + chan[j + 2] * src_plane + off[j + 2]), val[j + 2]
+                if j + 3 < end:
+                    b3, w3 = uint64(img + chan[j + 3] * src_plane + off[j + 3]), val[j + 3]
+                if first:
+                    for q in range(n_acc):
+                        acc[q] = (w0 * src[b0 + q] + w1 * src[b1 + q] + w2 * src[b2 + q]
+                                  + w3 * src[b3 + q])
+                else:
+                    for q in range(n_acc):
+                        acc[q] += (w0 * src[b0 + q] + w1 * src[b1 + q] + w2 * src[b2 + q]
+                                   + w3 * src[b3 + q])
+                first = False
                 j += 4
-            while j < end:
-                b0 = uint64(img + chan[j] * src_plane + off[j])
-                w0 = val[j]
-                for q in range(n_acc):
-                    acc[q] += w0 * src[b0 + q]
-                j += 1
             # epilogue (unsigned indices again): bias, residual, ReLU
             bo = bias[o]
             dst = uint64((n * n_out + o) * out_plane + pad * out_w + pad)
