@@ -128,6 +128,14 @@ def test_cpu_full_preset_trains_without_the_validation_split(monkeypatch):
         "fp32", True, 3)
 
 
+def test_a_partial_last_round_of_parallel_jobs_gets_the_idle_threads():
+    assert oneshot.job_threads(5, 2, 2) == [1, 1, 1, 1, 2]
+    assert oneshot.job_threads(4, 2, 2) == [1, 1, 1, 1]
+    assert oneshot.job_threads(3, 2, 8) == [4, 4, 8]
+    assert oneshot.job_threads(7, 3, 16) == [5, 5, 5, 5, 5, 5, 16]
+    assert oneshot.job_threads(2, 4, 1) == [1, 1]
+
+
 def test_parallel_runs_equal_sequential_ones(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what each of the 2 workers gets on a 2-core machine: same sums

@@ -130,18 +130,27 @@ def run_many(jobs: list[Job], parallel: int, resume: bool, validation: float | N
              ) -> bool:
     """With parallel > 1, `run_one` for each (config, method, seed, out, sparsities),
     `parallel` at a time, each in a spawned process of its own with its share of the CPU's
-    threads (a GPU is shared); each writes only its own run folder. Returns the `resume` flag
-    with which the caller then runs (or, after this, reads) the same runs in order. A worker's
-    error (UsageError, non-finite loss, ...) is raised here."""
+    threads (a partial last round, a larger share; a GPU is shared); each writes only its own
+    run folder. Returns the `resume` flag with which the caller then runs (or, after this,
+    reads) the same runs in order. A worker's error (UsageError, non-finite loss, ...) is
+    raised here."""
     if parallel <= 1:
         return resume
-    threads = max(1, torch.get_num_threads() // parallel)
+    total = torch.get_num_threads()
     with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_worker, cfg, m, seed, out, resume, validation, sparsities,
-                               threads) for cfg, m, seed, out, sparsities in jobs]
+                               threads) for (cfg, m, seed, out, sparsities), threads
+                   in zip(jobs, job_threads(len(jobs), parallel, total))]
         for f in futures:
             f.result()
     return True  # the finished runs are read
+
+
+def job_threads(n_jobs: int, parallel: int, total: int) -> list[int]:
+    """Threads for each of `n_jobs` jobs run `parallel` at a time on `total` threads: an
+    equal share, except in a partial last round (5 jobs, 2 at a time: the 5th runs alone)."""
+    return [max(1, total // min(parallel, n_jobs - i // parallel * parallel))
+            for i in range(n_jobs)]
 
 
 def _worker(cfg: OneshotConfig, method: str, seed: int, out: Path, resume: bool,
