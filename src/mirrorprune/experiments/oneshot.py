@@ -84,10 +84,9 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
                              method, resume)
     history = train(model, method, tr, te, tcfg, rundir, resume=resume, progress=progress,
                     lr_scale=scale)
-    if sweep_file.exists():
-        cached = json.loads(sweep_file.read_text())
-        if cached.get("key") == key:
-            return cached["rows"]
+    cached = _cached_rows(sweep_file, key)
+    if cached is not None:
+        return cached
     plain = method.export()
     rows = []
     for s in levels:
@@ -103,6 +102,14 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     return rows
 
 
+def _cached_rows(sweep_file: Path, key: dict) -> list[dict] | None:
+    """The rows in `sweep_file` if it exists and was evaluated as `key` says, else None."""
+    if not sweep_file.exists():
+        return None
+    cached = json.loads(sweep_file.read_text())
+    return cached["rows"] if cached.get("key") == key else None
+
+
 def _kept_results(rundir: Path, key: dict, config: dict, method: Method, resume: bool
                   ) -> list[dict]:
     """The rows of a finished run kept as its results (sweep.json, config.json and logs: what
@@ -111,13 +118,13 @@ def _kept_results(rundir: Path, key: dict, config: dict, method: Method, resume:
     if not resume:
         raise UsageError(f"{rundir} holds a finished run's results: resume (--resume) to reuse "
                          "them, or choose another output folder")
-    cached = json.loads((rundir / "sweep.json").read_text())
+    cached = _cached_rows(rundir / "sweep.json", key)
     if not recorded_config_matches(rundir, config, method):
         why = "it was trained with another configuration"
-    elif cached.get("key") != key:
+    elif cached is None:
         why = "it was evaluated otherwise (sparsities, test set or BatchNorm recalibration)"
     else:
-        return cached["rows"]
+        return cached
     raise UsageError(f"{rundir} holds a finished run's results without its checkpoint, and "
                      f"{why}: evaluating it again needs the checkpoint (or use another output "
                      "folder)")
