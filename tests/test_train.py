@@ -43,6 +43,12 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, method):
     assert drop(log) == drop(ref_log)
     assert (tmp_path / "b" / "log.csv").read_text().count("\n") == 5
     assert json.loads((tmp_path / "b" / "config.json").read_text())["method"] == method
+    # reading the finished run again keeps the record of the invocation that trained it
+    cfg_file = tmp_path / "b" / "config.json"
+    recorded = {**json.loads(cfg_file.read_text()), "provenance": {"date": "when it trained"}}
+    cfg_file.write_text(json.dumps(recorded))
+    _run(tmp_path / "b", method)
+    assert json.loads(cfg_file.read_text()) == recorded
 
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):

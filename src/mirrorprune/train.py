@@ -252,7 +252,9 @@ def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: 
         out.mkdir(parents=True, exist_ok=True)
         if ck is not None:
             restore(run, ck)
-        if rank == 0:  # recorded, not compared: resuming elsewhere or on more processes is fine
+        # recorded, not compared: resuming elsewhere or on more processes is fine; a finished
+        # run read again keeps the record of the invocation that trained it
+        if rank == 0 and (ck is None or run.start < cfg.epochs):
             write_json(out / "config.json", {**run.config, "world_size": world,
                                              "provenance": provenance()})
     run.net = model
