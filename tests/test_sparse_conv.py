@@ -35,35 +35,53 @@ def _sparse_conv(cin, cout, k, stride, padding, bias, sparsity=0.9, seed=0) -> n
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0),
                                               (3, 1, 0), ((3, 1), 1, (1, 0))])
 @pytest.mark.parametrize("batch", [1, 7, 16, 64])
-def test_kernel_equals_conv2d(k, stride, padding, batch):
+@pytest.mark.parametrize("blocked", [False, True])
+def test_kernel_equals_conv2d(k, stride, padding, batch, blocked):
     conv = _sparse_conv(8, 12, k, stride, padding, bias=batch % 2 == 1)
     x = torch.randn(batch, 8, 11, 14)  # odd, non-square
     ref = conv(x).detach()
     unit = SparseConv2d(conv)
-    assert _rel(unpad(unit(pad_planes(x))), ref) < 1e-5
+    xp = pad_planes(x, blocked)
+    assert xp.dim() == (5 if blocked else 4)
+    assert _rel(unpad(unit(xp), x), ref) < 1e-5
     # residual (plain and padded) and ReLU, fused
     res = torch.randn_like(ref)
     relu = SparseConv2d(conv, relu=True, reuse_output=True)
     want = F.relu(ref + res)
-    assert _rel(unpad(relu(pad_planes(x), res, 0)), want) < 1e-5
-    assert _rel(unpad(relu(pad_planes(x), pad_planes(res), sparse_conv.PAD)), want) < 1e-5
+    assert _rel(unpad(relu(xp, res, 0), x), want) < 1e-5
+    assert _rel(unpad(relu(xp, pad_planes(res, blocked), sparse_conv.PAD), x), want) < 1e-5
     # the border of the padded output stays zero: the next layer reads it as padding
-    out = relu(pad_planes(x), res, 0)
+    out = relu(xp, res, 0)
     assert out[:, :, 0].abs().max() == 0 and out[:, :, :, -1].abs().max() == 0
+
+
+def test_the_layout_follows_the_batch_and_mixed_layouts_are_refused():
+    assert sparse_conv.LANES == sparse_conv._k.LANES
+    assert [sparse_conv.blocked_for(n) for n in (1, 15, 16, 17, 20, 28, 64)] == \
+        [False, False, True, False, False, True, True]
+    x = torch.randn(40, 3, 5, 6)
+    xp = pad_planes(x)
+    assert xp.shape == (3, 3, 7, 8, 16) and xp[2, :, :, :, 8:].abs().max() == 0
+    assert torch.equal(unpad(xp, 40), x) and torch.equal(unpad(xp, x), x)
+    with pytest.raises(ValueError, match="batch size"):
+        unpad(xp)
+    unit = SparseConv2d(_sparse_conv(3, 4, 3, 1, 1, bias=True))
+    with pytest.raises(ValueError, match="residual"):
+        unit(xp, pad_planes(torch.randn(40, 4, 5, 6), blocked=False), sparse_conv.PAD)
 
 
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
 def test_kernel_handles_empty_rows_and_fully_zero_weights(k, stride, padding):
     # a layer pruned away entirely (global pruning at 99% does that to some): its bias only
     conv = _sparse_conv(4, 6, k, stride, padding, bias=True, sparsity=1.0)
-    x = torch.randn(3, 4, 5, 5)
-    assert _rel(unpad(SparseConv2d(conv)(pad_planes(x))), conv(x).detach()) < 1e-6
+    for x in (torch.randn(3, 4, 5, 5), torch.randn(16, 4, 5, 5)):
+        assert _rel(unpad(SparseConv2d(conv)(pad_planes(x)), x), conv(x).detach()) < 1e-6
 
 
 def test_kernel_equals_conv2d_on_random_shapes():
     """Random channel counts, kernel sizes (1, 2, 3, 5), strides, paddings, sizes down to the
     kernel's, batches, sparsities (0 to 1), ReLU and residuals, twice each (a reused output
-    buffer must come back with a zero border)."""
+    buffer must come back with a zero border), in both layouts."""
     rng = random.Random(0)
     for _ in range(60):
         kh, kw = rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 3, 5])
@@ -71,14 +89,15 @@ def test_kernel_equals_conv2d_on_random_shapes():
                             (rng.randint(0, 1), rng.randint(0, 1)), rng.random() < 0.5,
                             sparsity=rng.choice([0.0, 0.5, 0.9, 0.99, 1.0]),
                             seed=rng.randint(0, 999))
-        x = torch.randn(rng.choice([1, 2, 3, 16, 17]), conv.in_channels,
+        blocked = rng.random() < 0.5
+        x = torch.randn(rng.choice([1, 2, 3, 16, 17, 33]), conv.in_channels,
                         rng.randint(kh, 14), rng.randint(kw, 14))
         ref = conv(x).detach()
         res = torch.randn_like(ref)
         unit = SparseConv2d(conv, relu=True, reuse_output=rng.random() < 0.5)
         for _ in range(2):
-            out = unit(pad_planes(x), pad_planes(res), sparse_conv.PAD)
-            assert _rel(unpad(out), F.relu(ref + res)) < 1e-5
+            out = unit(pad_planes(x, blocked), pad_planes(res, blocked), sparse_conv.PAD)
+            assert _rel(unpad(out, x), F.relu(ref + res)) < 1e-5
             assert sum(out[:, :, i].abs().sum() + out[:, :, :, i].abs().sum()
                        for i in (0, -1)) == 0
 
@@ -140,7 +159,8 @@ def test_exported_cnn_equals_the_pruned_model(name, always_sparse):
     if name != "vgg16_bn":
         assert any("residual" in d.reason for d in convs if d.sparse)
     with torch.inference_mode():
-        for batch, hw in [(1, (32, 32)), (7, (32, 32)), (16, (32, 48)), (64, (32, 32))]:
+        for batch, hw in [(1, (32, 32)), (7, (32, 32)), (16, (32, 48)), (64, (32, 32)),
+                          (40, (48, 32))]:  # 40: blocked, the last group of 16 part empty
             x = torch.randn(batch, 3, *hw)
             ref, out = model(x), exported(x)
             if isinstance(ref, tuple):

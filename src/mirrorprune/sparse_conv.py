@@ -22,7 +22,7 @@ import operator
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ try:
 except ImportError:  # the [fast] extra is optional: convolutions then stay dense
     numba = None
     _k = None
+LANES = 16  # images per pixel vector in the blocked layout (= sparse_conv_kernels.LANES)
 
 INSTALL_HINT = "pip install 'mirrorprune[fast]' (numba) for sparse convolution kernels"
 PAD = 1  # border of the padded-planes layout: enough for 3x3 convolutions with padding 1
@@ -76,6 +77,25 @@ def supported(conv: nn.Module) -> str | None:
     return None
 
 
+class _Plan(NamedTuple):
+    """A convolution's call on one input size: output size, the source planes (stride 2:
+    `phase` = (phases used, hq, wq)), each nonzero's source plane and offset in it (`base`:
+    both in one offset in floats, for the blocked layout), numpy views of the weights, and
+    the multiply-adds per image."""
+    ho: int
+    wo: int
+    phase: tuple | None
+    width: int
+    src_plane: int
+    chan: np.ndarray
+    off: np.ndarray
+    base: np.ndarray
+    indptr: np.ndarray
+    values: np.ndarray
+    bias: np.ndarray
+    work: int
+
+
 class SparseConv2d(nn.Module):
     """relu?(conv(x) + bias + residual?) with the convolution's weight held as its nonzeros.
 
@@ -97,6 +117,7 @@ class SparseConv2d(nn.Module):
         # whether the output buffer may be reused by the next call: only when nothing of this
         # call's output outlives the forward pass (convert_convs decides)
         self.reuse_output = reuse_output
+        self.slot: int | None = None  # which of its model's shared buffers (_share_buffers)
         o, c, ky, kx = (t.to(torch.int64) for t in torch.nonzero(w, as_tuple=True))
         # row-major nonzeros (sorted by output channel): the CSR rows of the kernel
         self.register_buffer("values", w[o, c, ky, kx].float().contiguous())
@@ -120,10 +141,9 @@ class SparseConv2d(nn.Module):
         self._plans.clear()
         return super()._apply(fn, recurse)
 
-    def _plan(self, c: int, hp: int, wp: int) -> tuple:
+    def _plan(self, c: int, hp: int, wp: int) -> _Plan:
         """Everything about a call that depends only on the padded input size c x hp x wp
-        (cached: one entry per size): output size, the source planes' layout, each nonzero's
-        source plane and offset, and numpy views of the weights."""
+        (cached: one entry per size)."""
         key = (c, hp, wp)
         if key not in self._plans:
             if c != self.in_channels:
@@ -152,56 +172,74 @@ class SparseConv2d(nn.Module):
                 chan = k.reshape(-1) * c + self.chan.numpy()
                 off = (dy // 2) * wq + dx // 2
                 src_plane = hq * wq
-            work = self.values.numel() * ((ho - 1) * width + wo)  # multiply-adds per image
-            self._plans[key] = (ho, wo, phase, width, src_plane,
-                                chan.astype(np.int64), off.astype(np.int64),
-                                self.indptr.numpy(), self.values.numpy(), self.bias.numpy(),
-                                work)
+            chan, off = chan.astype(np.int64), off.astype(np.int64)
+            self._plans[key] = _Plan(
+                ho, wo, phase, width, src_plane, chan, off,
+                ((chan * src_plane + off) * LANES).astype(np.uint64),
+                self.indptr.numpy(), self.values.numpy(), self.bias.numpy(),
+                self.values.numel() * ((ho - 1) * width + wo))
         return self._plans[key]
 
     def _output(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zeroed tensor, or when `reuse_output`, this thread's buffer of the unit's slot in
+        its model (`slots`, `slot`: see _share_buffers), else of the unit itself."""
         if not self.reuse_output:
             return torch.zeros(shape)
         pools = getattr(_POOLS, "pools", None)
         if pools is None:
             pools = _POOLS.pools = weakref.WeakKeyDictionary()
-        buf = pools.get(self)
+        owner = getattr(self, "slots", None) or self
+        mine = pools.setdefault(owner, {})
+        buf = mine.get(self.slot)
         if buf is None or buf.shape != shape:  # zero border once: the kernel writes the inside
-            buf = pools[self] = torch.zeros(shape)
+            buf = mine[self.slot] = torch.zeros(shape)
         return buf
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 res_pad: int = 0) -> torch.Tensor:
-        if x.dim() != 4 or x.dtype != torch.float32:
+        blocked = x.dim() == 5
+        if x.dtype != torch.float32 or not (x.dim() == 4 or blocked and x.shape[-1] == LANES):
             raise ValueError(f"SparseConv2d takes float32 padded planes (N, C, H+{2 * PAD}, "
-                             f"W+{2 * PAD}), got {x.dtype} of shape {tuple(x.shape)}")
-        n, c, hp, wp = x.shape
-        ho, wo, phase, width, src_plane, chan, off, indptr, val, bias, work = \
-            self._plan(c, hp, wp)
-        out = self._output((n, self.out_channels, ho + 2 * PAD, wo + 2 * PAD))
-        xs = x.detach().contiguous().numpy()
+                             f"W+{2 * PAD}) or their blocked form (N/{LANES}, C, H+{2 * PAD}, "
+                             f"W+{2 * PAD}, {LANES}): see pad_planes; got {x.dtype} of shape "
+                             f"{tuple(x.shape)}")
+        n, c, hp, wp = x.shape[:4]  # n: images, or groups of LANES images when blocked
+        pl = self._plan(c, hp, wp)
+        lanes = (LANES,) if blocked else ()
+        out = self._output((n, self.out_channels, pl.ho + 2 * PAD, pl.wo + 2 * PAD, *lanes))
         if residual is None:
             res, res_img, res_plane, res_w = _NO_RES, 0, -1, 0  # res_plane -1: none
         else:
-            if residual.shape != (n, self.out_channels, ho + 2 * res_pad, wo + 2 * res_pad):
+            if blocked and residual.dim() == 4 and res_pad == 0:  # a dense layer's output
+                residual = _blocked(residual, 0)
+            if residual.shape != (n, self.out_channels, pl.ho + 2 * res_pad,
+                                  pl.wo + 2 * res_pad, *lanes):
                 raise ValueError(f"residual of shape {tuple(residual.shape)} does not match "
-                                 f"the output {(n, self.out_channels, ho, wo)} (border "
-                                 f"{res_pad})")
+                                 f"the output {tuple(out.shape)} (border {res_pad})")
             res = residual.detach().float().contiguous().numpy().reshape(-1)
-            res_w = wo + 2 * res_pad
-            res_plane = (ho + 2 * res_pad) * res_w
+            res_w = pl.wo + 2 * res_pad
+            res_plane = (pl.ho + 2 * res_pad) * res_w
             res_img = self.out_channels * res_plane
-        n_planes = c if phase is None else len(phase[0]) * c
-        sizes = (n_planes * src_plane, src_plane, width, (ho - 1) * width + wo, res_img,
-                 res_plane, res_w, res_pad, n, self.out_channels, wo + 2 * PAD, PAD, ho, wo)
-        if phase is not None:
+        xs = x.detach().contiguous().numpy()
+        n_planes = c if pl.phase is None else len(pl.phase[0]) * c
+        if pl.phase is not None:
             with _LOCK:
-                xs = _phases(x, xs, *phase)
+                xs = _phases(x, xs, *pl.phase)
+        lo = 0.0 if self.relu else _NO_CLIP
+        common = (xs.reshape(-1), out.numpy().reshape(-1), res, pl.indptr)
+        if blocked:  # tasks: blocks of output rows
+            run_kernel(_k.sparse_conv_blocked, _k.sparse_conv_blocked_parallel,
+                       (*common, pl.base, pl.values, pl.bias, lo, n_planes * pl.src_plane,
+                        pl.width, res_img, res_plane, res_w, res_pad, n, self.out_channels,
+                        pl.wo + 2 * PAD, PAD, pl.ho, pl.wo),
+                       n * LANES * pl.work, lambda threads: max(1, n * pl.ho // (4 * threads)))
+            return out
         # tasks: whole images, or blocks of channels when images are few
         run_kernel(_k.sparse_conv, _k.sparse_conv_parallel,
-                   (xs.reshape(-1), out.numpy().reshape(-1), res, indptr, chan, off, val, bias,
-                    0.0 if self.relu else _NO_CLIP, *sizes),
-                   n * work, lambda threads: -(-self.out_channels // max(1, 4 * threads // n)))
+                   (*common, pl.chan, pl.off, pl.values, pl.bias, lo, n_planes * pl.src_plane,
+                    pl.src_plane, pl.width, (pl.ho - 1) * pl.width + pl.wo, res_img, res_plane,
+                    res_w, res_pad, n, self.out_channels, pl.wo + 2 * PAD, PAD, pl.ho, pl.wo),
+                   n * pl.work, lambda threads: -(-self.out_channels // max(1, 4 * threads // n)))
         return out
 
     def extra_repr(self) -> str:
@@ -212,17 +250,18 @@ class SparseConv2d(nn.Module):
 
 def _phases(x: torch.Tensor, xs: np.ndarray, used: np.ndarray, hq: int, wq: int
             ) -> np.ndarray:
-    """The stride-2 phases `used` of x (`xs`: its numpy view): one strided torch copy when
-    the phases tile x exactly (even sizes), else the numba kernel."""
-    n, c, hp, wp = x.shape
+    """The stride-2 phases `used` of x (`xs`: its numpy view; either layout): one strided
+    torch copy when the phases tile x exactly (even sizes), else the numba kernel."""
+    n, c, hp, wp = x.shape[:4]
+    x5 = x.detach().reshape(n, c, hp, wp, -1)  # the pixel as a vector: 1 or LANES floats
     if hp != 2 * hq or wp != 2 * wq:
-        return _k.phases(xs, used, hq, wq)
-    grid = x.detach().view(n, c, hq, 2, wq, 2)
+        return _k.phases(xs.reshape(x5.shape), used, hq, wq)
+    grid = x5.view(n, c, hq, 2, wq, 2, x5.shape[-1])
     if len(used) == 4:
-        out = grid.permute(0, 3, 5, 1, 2, 4).contiguous()
+        out = grid.permute(0, 3, 5, 1, 2, 4, 6).contiguous()
     else:
         out = torch.stack([grid[:, :, :, int(k) // 2, :, int(k) % 2] for k in used], 1)
-    return out.numpy().reshape(n, len(used) * c, hq * wq)
+    return out.numpy().reshape(n, len(used) * c, -1)
 
 
 def run_kernel(serial: Any, parallel: Any, args: tuple, work: int, blocks: Any,
@@ -242,14 +281,39 @@ def run_kernel(serial: Any, parallel: Any, args: tuple, work: int, blocks: Any,
             parallel(*args, blocks(threads))
 
 
-def pad_planes(x: torch.Tensor) -> torch.Tensor:
-    """x (N, C, H, W) as padded planes: float32, contiguous, zero border of PAD."""
+def blocked_for(batch: int) -> bool:
+    """Whether a batch of this size runs in the blocked layout: at least LANES images, and
+    at most a quarter of them added as padding to fill the last group."""
+    return batch >= LANES and -batch % LANES <= batch // 4
+
+
+def pad_planes(x: torch.Tensor, blocked: bool | None = None) -> torch.Tensor:
+    """x (N, C, H, W) as padded planes: float32, contiguous, zero border of PAD; or, when
+    `blocked` (default: `blocked_for(N)`), their blocked form (N/LANES rounded up, C, H+2 PAD,
+    W+2 PAD, LANES), image i at [i // LANES, ..., i % LANES], the missing images zero."""
+    if blocked if blocked is not None else blocked_for(len(x)):
+        return _blocked(x, PAD)
     return F.pad(x.float(), (PAD, PAD, PAD, PAD)).contiguous()
 
 
-def unpad(x: torch.Tensor) -> torch.Tensor:
-    """The interior of padded planes (a view)."""
-    return x[:, :, PAD:-PAD, PAD:-PAD]
+def _blocked(x: torch.Tensor, pad: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    g = -(-n // LANES)
+    xp = F.pad(x.float(), (pad, pad, pad, pad, 0, 0, 0, g * LANES - n))
+    return xp.view(g, LANES, c, h + 2 * pad, w + 2 * pad).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def unpad(x: torch.Tensor, batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """The interior of padded planes as (N, C, H, W): a view; of the blocked form, a copy of
+    its first `batch` images (an int, or a tensor whose first dimension is N)."""
+    if x.dim() == 4:
+        return x[:, :, PAD:-PAD, PAD:-PAD]
+    if batch is None:
+        raise ValueError("unpad of the blocked layout needs the batch size (batch=N)")
+    n = batch if isinstance(batch, int) else len(batch)
+    g, c, hp, wp, lanes = x.shape
+    inner = x[:, :, PAD:-PAD, PAD:-PAD].permute(0, 4, 1, 2, 3)
+    return inner.reshape(g * lanes, c, hp - 2 * PAD, wp - 2 * PAD)[:n]
 
 
 # ---------------------------------------------------------------- graph conversion
@@ -344,6 +408,7 @@ def convert_convs(gm: fx.GraphModule, example_input: torch.Tensor, min_sparsity:
     values = rec.values
     decisions = []
     padded: dict[fx.Node, fx.Node] = {}  # unpad(u) node -> unit node u (padded planes)
+    batch: dict[fx.Node, fx.Node] = {}  # unit node -> an NCHW node of its batch size
     units: list[fx.Node] = []
     graph = gm.graph
     for node in list(graph.nodes):
@@ -384,26 +449,58 @@ def convert_convs(gm: fx.GraphModule, example_input: torch.Tensor, min_sparsity:
         src = node.args[0]
         with graph.inserting_before(m.tail.next):
             xin = padded.get(src) or graph.call_function(pad_planes, (src,))
+            ref = batch.get(xin, src)
             if m.residual is None:
                 u = graph.call_module(name, (xin,))
             elif m.residual in padded:
                 u = graph.call_module(name, (xin, padded[m.residual], PAD))
             else:
                 u = graph.call_module(name, (xin, m.residual, 0))
-            v = graph.call_function(unpad, (u,))
+            v = graph.call_function(unpad, (u, ref))
         m.tail.replace_all_uses_with(v)
         values[v] = values[m.tail]
         padded[v] = u
+        batch[u] = ref
         units.append(u)
+    for u in units:  # a residual converted after its consumer: hand it over padded
+        if len(u.args) == 3 and u.args[1] in padded:
+            u.args = (u.args[0], padded[u.args[1]], PAD)
     graph.eliminate_dead_code()
-    for u in units:  # reuse the output buffer where nothing can keep a view of it
-        gm.get_submodule(u.target).reuse_output = all(
-            _reads_only(gm, r) or (r.op == "call_function" and r.target is unpad
-                                   and all(_reads_only(gm, rr) for rr in r.users))
-            for r in u.users)
+    _share_buffers(gm, units, {u: tuple(values[v].shape) for v, u in padded.items()})
     gm.delete_all_unused_submodules()
     gm.recompile()
     return decisions
+
+
+class _Slots:
+    """The identity of one exported model's shared output buffers (a weak key of the
+    per-thread pools; copied and pickled along with the model)."""
+
+
+def _share_buffers(gm: fx.GraphModule, units: list[fx.Node],
+                   shapes: dict[fx.Node, tuple]) -> None:
+    """Let units reuse output buffers where nothing can keep a view of them, and share them
+    between units whose outputs are never alive at once (same shape on the example input):
+    a ResNet then cycles through a few buffers that stay in cache instead of one per layer
+    (at batch 64, one per layer is 60 MB, and memory traffic ate most of the kernel's gain)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ends: dict[fx.Node, list] = {}  # node -> the (shape, slot)s free once it has run
+    free: dict[tuple, list[int]] = {}
+    slots, count = _Slots(), 0
+    for n in gm.graph.nodes:
+        if n in units:
+            unit = gm.get_submodule(n.target)
+            views = [r for r in n.users if r.op == "call_function" and r.target is unpad]
+            unit.reuse_output = all(_reads_only(gm, r) or (r in views and all(
+                _reads_only(gm, rr) for rr in r.users)) for r in n.users)
+            if unit.reuse_output:
+                users = [*n.users, *(rr for r in views for rr in r.users)]
+                pool = free.setdefault(shapes[n], [])
+                unit.slots, unit.slot = slots, pool.pop() if pool else count
+                count += unit.slot == count
+                ends.setdefault(max(users, key=order.get), []).append((shapes[n], unit.slot))
+        for shape, slot in ends.pop(n, []):  # after n's own output took its slot
+            free[shape].append(slot)
 
 
 def _dense_chain(conv: nn.Conv2d, relu: bool):

@@ -17,12 +17,23 @@ output plane; the border is never written (the caller hands over zeroed borders)
 
 Offsets are unsigned: LLVM vectorizes `s[q + d]` only when it can prove the index does not
 wrap (signed offsets run ~20x slower; issue 17).
+
+Layout for batches of 16 and more ("blocked"): (groups of 16 images, C, H, W, 16), the same
+zero border, every pixel one 64-byte vector of 16 images. `sparse_conv_blocked` sums each
+nonzero's contribution to four consecutive pixels of one output row in four vector registers
+(`_strip`: an LLVM loop, since numba keeps such accumulators in memory) and writes them once:
+every load is an aligned 64-byte vector and the source rows stay in L1 across all output
+channels. Per layer of a 95%-sparse ResNet-20 at batch 64, one thread: 1.5x (first stage) to
+2.7x (last) faster than the planes kernel.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, uint64
+from llvmlite import ir
+from numba import njit, prange, types, uint64
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _FLAGS = {"fastmath": True, "cache": True, "nogil": True, "boundscheck": False}
 
@@ -127,27 +138,156 @@ def sparse_conv_parallel(src, out, res, indptr, chan, off, val, bias, lo, src_im
 
 @njit(parallel=True, **_FLAGS)
 def phases(x, which, hq, wq):  # pragma: no cover - compiled
-    """Stride-2 phases of x (N, C, H, W): (N, len(which) C, hq * wq); phase k = (a, b) =
-    divmod(which[k], 2) holds x[:, :, a::2, b::2] (zero beyond)."""
-    n_img, c_in, h, w = x.shape
+    """Stride-2 phases of x (N, C, H, W, L): (N, len(which) C, hq * wq * L); phase k =
+    (a, b) = divmod(which[k], 2) holds x[:, :, a::2, b::2] (zero beyond)."""
+    n_img, c_in, h, w, lanes = x.shape
     n_ph = len(which)
     flat = x.reshape(-1)
-    out = np.zeros(n_img * n_ph * c_in * hq * wq, np.float32)
-    uw, uq = uint64(w), uint64(wq)
+    out = np.zeros(n_img * n_ph * c_in * hq * wq * lanes, np.float32)
+    uw, uq, ul = uint64(w * lanes), uint64(wq * lanes), uint64(lanes)
     for t in prange(n_img * c_in):
         n = t // c_in
         c = t - n * c_in
-        src = uint64(t * h * w)
+        src = uint64(t * h * w * lanes)
         for k in range(n_ph):
             a = which[k] // 2
             b = which[k] - 2 * a
-            dst = uint64(((n * n_ph + k) * c_in + c) * hq * wq)
+            dst = uint64(((n * n_ph + k) * c_in + c) * hq * wq * lanes)
             rows, cols = uint64((h - a + 1) // 2), uint64((w - b + 1) // 2)
             for i in range(rows):
-                row = src + (uint64(a) + uint64(2) * i) * uw + uint64(b)
+                row = src + (uint64(a) + uint64(2) * i) * uw + uint64(b) * ul
                 for j in range(cols):
-                    out[dst + i * uq + j] = flat[row + uint64(2) * j]
-    return out.reshape(n_img, n_ph * c_in, hq * wq)
+                    for m in range(ul):
+                        out[dst + i * uq + j * ul + m] = flat[row + uint64(2) * j * ul + m]
+    return out.reshape(n_img, n_ph * c_in, hq * wq * lanes)
+
+
+LANES = 16  # images per pixel vector in the blocked layout (one 64-byte AVX-512 register)
+
+
+def _strip(nv):
+    """An inlined LLVM loop: acc[a0 : a0 + 16 nv] = sum over j0 <= j < j1 of
+    val[j] * src[s0 + base[j] : + 16 nv], with the nv 16-float sums in vector registers."""
+    vec = ir.VectorType(ir.FloatType(), LANES)
+    i64 = ir.IntType(64)
+
+    @intrinsic
+    def strip(typingctx, src, s0, base, val, j0, j1, acc, a0):
+        sig = types.void(src, types.uint64, base, val, types.int64, types.int64, acc,
+                         types.uint64)
+
+        def codegen(context, builder, signature, args):
+            def data(k):
+                ty = signature.args[k]
+                return context.make_array(ty)(context, builder, args[k]).data
+
+            srcp, basep, valp, accp = data(0), data(2), data(3), data(6)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v16f32")
+            entry = builder.block
+            head = builder.append_basic_block("strip.head")
+            body = builder.append_basic_block("strip.body")
+            done = builder.append_basic_block("strip.done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            j = builder.phi(i64)
+            sums = [builder.phi(vec) for _ in range(nv)]
+            j.add_incoming(args[4], entry)
+            for v in sums:
+                v.add_incoming(ir.Constant(vec, [0.0] * LANES), entry)
+            builder.cbranch(builder.icmp_signed("<", j, args[5]), body, done)
+            builder.position_at_end(body)
+            w = builder.insert_element(ir.Constant(vec, ir.Undefined),
+                                       builder.load(builder.gep(valp, [j])),
+                                       ir.Constant(ir.IntType(32), 0))
+            w = builder.shuffle_vector(w, ir.Constant(vec, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                   [0] * LANES))
+            at = builder.gep(srcp, [builder.add(args[1], builder.load(builder.gep(basep, [j])))])
+            new = [builder.call(fma, [w, builder.load(
+                builder.bitcast(builder.gep(at, [ir.Constant(i64, LANES * k)]),
+                                vec.as_pointer()), align=4), v]) for k, v in enumerate(sums)]
+            j.add_incoming(builder.add(j, ir.Constant(i64, 1)), body)
+            builder.branch(head)
+            for v, x in zip(sums, new):
+                v.add_incoming(x, body)
+            builder.position_at_end(done)
+            dst = builder.gep(accp, [args[7]])
+            for k, v in enumerate(sums):
+                builder.store(v, builder.bitcast(builder.gep(dst, [ir.Constant(i64, LANES * k)]),
+                                                 vec.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return strip
+
+
+def _pixels(nv):
+    """The blocked kernel on pixels x0..x1 (a multiple of nv apart) of output row y of group
+    g, nv at a time (nv a compile-time constant: the epilogue's loop unrolls)."""
+    strip = _strip(nv)
+
+    @njit(**_FLAGS)
+    def pixels(src, out, res, indptr, base, val, bias, lo, src_img, width, res_img, res_plane,
+               res_w, res_pad, n_out, out_w, pad, ho, g, y, x0,
+               x1):  # pragma: no cover - compiled
+        acc = _aligned(LANES * nv)
+        out_plane = (ho + 2 * pad) * out_w
+        for x in range(x0, x1, nv):
+            p = uint64(LANES * (g * src_img + y * width + x))
+            for o in range(n_out):
+                strip(src, p, base, val, indptr[o], indptr[o + 1], acc, uint64(0))
+                bo = bias[o]
+                d = uint64(LANES * ((g * n_out + o) * out_plane + (y + pad) * out_w + x + pad))
+                if res_plane >= 0:
+                    r = uint64(LANES * (g * res_img + o * res_plane + (y + res_pad) * res_w + x
+                                        + res_pad))
+                    for q in range(uint64(LANES * nv)):
+                        out[d + q] = max(acc[q] + bo + res[r + q], lo)
+                else:
+                    for q in range(uint64(LANES * nv)):
+                        out[d + q] = max(acc[q] + bo, lo)
+    return pixels
+
+
+_pixels4, _pixels1 = _pixels(4), _pixels(1)
+
+
+@njit(**_FLAGS)
+def _blocked_rows(src, out, res, indptr, base, val, bias, lo, src_img, width, res_img,
+                  res_plane, res_w, res_pad, n_out, out_w, pad, ho, wo, t0,
+                  t1):  # pragma: no cover - compiled
+    """Output rows t0..t1 (row t: group t // ho, row t % ho) of the blocked kernel: four
+    pixels at a time, then one. Sizes in pixels (each LANES floats); base[j]: nonzero j's
+    source plane and offset, in floats."""
+    w4 = wo - wo % 4
+    for t in range(t0, t1):
+        g = t // ho
+        y = t - g * ho
+        _pixels4(src, out, res, indptr, base, val, bias, lo, src_img, width, res_img, res_plane,
+                 res_w, res_pad, n_out, out_w, pad, ho, g, y, 0, w4)
+        _pixels1(src, out, res, indptr, base, val, bias, lo, src_img, width, res_img, res_plane,
+                 res_w, res_pad, n_out, out_w, pad, ho, g, y, w4, wo)
+
+
+@njit(**_FLAGS)
+def sparse_conv_blocked(src, out, res, indptr, base, val, bias, lo, src_img, width, res_img,
+                        res_plane, res_w, res_pad, n_grp, n_out, out_w, pad, ho,
+                        wo):  # pragma: no cover - compiled
+    """The blocked layout's kernel, one thread (arguments as `sparse_conv`'s, in pixels)."""
+    _blocked_rows(src, out, res, indptr, base, val, bias, lo, src_img, width, res_img,
+                  res_plane, res_w, res_pad, n_out, out_w, pad, ho, wo, 0, n_grp * ho)
+
+
+@njit(parallel=True, **_FLAGS)
+def sparse_conv_blocked_parallel(src, out, res, indptr, base, val, bias, lo, src_img, width,
+                                 res_img, res_plane, res_w, res_pad, n_grp, n_out, out_w, pad,
+                                 ho, wo, blocks):  # pragma: no cover - compiled
+    """`sparse_conv_blocked` over the threads, `blocks` output rows per task."""
+    rows = n_grp * ho
+    for t in prange((rows + blocks - 1) // blocks):
+        _blocked_rows(src, out, res, indptr, base, val, bias, lo, src_img, width, res_img,
+                      res_plane, res_w, res_pad, n_out, out_w, pad, ho, wo, t * blocks,
+                      min(rows, (t + 1) * blocks))
 
 
 @njit(**_FLAGS)
