@@ -1,9 +1,10 @@
 """Sparse convolutions on CPU: a pruned CNN that runs faster than its dense self.
 
 `SparseConv2d` computes one convolution (BatchNorm folded into its weight and bias) with the
-numba kernel of `sparse_conv_kernels`, fused with what follows it in the network — the
-residual add and the ReLU — and keeps activations in the kernel's "padded planes" layout (NCHW
-with a zero border), so that consecutive sparse layers hand over their outputs without a copy.
+numba kernels of `sparse_conv_kernels`, fused with what follows it in the network — the
+residual add and the ReLU — and keeps activations in the kernels' layouts (NCHW with a zero
+border, "padded planes"; from batch 16 on, `blocked_for`, 16 images per pixel vector), so
+that consecutive sparse layers hand over their outputs without a copy.
 `convert_convs` finds conv (→ add) (→ ReLU) chains in a model traced with torch.fx, times each
 one dense and sparse on the example input, and replaces those where sparse is faster; the
 rest of the graph stays as it was (dense). `mp.export_sparse` calls it.
@@ -12,7 +13,9 @@ Where the speed comes from (issue 17): the kernel touches only the nonzero weigh
 contiguous multiply-add over a whole input plane; folding BatchNorm keeps the zeros; fusing
 bias, residual and ReLU into the kernel's output pass and handing padded planes from layer to
 layer avoid the memory traffic that otherwise eats the gain; output buffers are reused between
-calls (per thread) instead of allocated, which also avoids page faults on large batches.
+calls (per thread) instead of allocated, which also avoids page faults on large batches, and
+shared between layers whose outputs are never alive at once, so that the activations of a
+batch of 64 stay in cache.
 """
 
 from __future__ import annotations
