@@ -82,9 +82,10 @@ def supported(conv: nn.Module) -> str | None:
 
 class _Plan(NamedTuple):
     """A convolution's call on one input size: output size, the source planes (stride 2:
-    `phase` = (phases used, hq, wq)), each nonzero's source plane and offset in it (`base`:
-    both in one offset in floats, for the blocked layout), numpy views of the weights, and
-    the multiply-adds per image."""
+    `phase` = (phases used, hq, wq)), each nonzero's source plane and offset in it; `base`:
+    for the blocked layout, which reads any stride straight from the padded input, the
+    nonzero's offset there in floats; numpy views of the weights, and the multiply-adds per
+    image (planes layout)."""
     ho: int
     wo: int
     phase: tuple | None
@@ -178,7 +179,7 @@ class SparseConv2d(nn.Module):
             chan, off = chan.astype(np.int64), off.astype(np.int64)
             self._plans[key] = _Plan(
                 ho, wo, phase, width, src_plane, chan, off,
-                ((chan * src_plane + off) * LANES).astype(np.uint64),
+                ((self.chan.numpy() * hp * wp + dy * wp + dx) * LANES).astype(np.uint64),
                 self.indptr.numpy(), self.values.numpy(), self.bias.numpy(),
                 self.values.numel() * ((ho - 1) * width + wo))
         return self._plans[key]
@@ -224,19 +225,20 @@ class SparseConv2d(nn.Module):
             res_plane = (pl.ho + 2 * res_pad) * res_w
             res_img = self.out_channels * res_plane
         xs = x.detach().contiguous().numpy()
+        lo = 0.0 if self.relu else _NO_CLIP
+        if blocked:  # tasks: blocks of output rows
+            run_kernel(_k.sparse_conv_blocked, _k.sparse_conv_blocked_parallel,
+                       (xs.reshape(-1), out.numpy().reshape(-1), res, pl.indptr, pl.base,
+                        pl.values, pl.bias, lo, c * hp * wp, wp, res_img, res_plane, res_w,
+                        res_pad, n, self.out_channels, pl.wo + 2 * PAD, PAD, pl.ho, pl.wo,
+                        self.stride),
+                       n * LANES * pl.work, lambda threads: max(1, n * pl.ho // (4 * threads)))
+            return out
         n_planes = c if pl.phase is None else len(pl.phase[0]) * c
         if pl.phase is not None:
             with _LOCK:
                 xs = _phases(x, xs, *pl.phase)
-        lo = 0.0 if self.relu else _NO_CLIP
         common = (xs.reshape(-1), out.numpy().reshape(-1), res, pl.indptr)
-        if blocked:  # tasks: blocks of output rows
-            run_kernel(_k.sparse_conv_blocked, _k.sparse_conv_blocked_parallel,
-                       (*common, pl.base, pl.values, pl.bias, lo, n_planes * pl.src_plane,
-                        pl.width, res_img, res_plane, res_w, res_pad, n, self.out_channels,
-                        pl.wo + 2 * PAD, PAD, pl.ho, pl.wo),
-                       n * LANES * pl.work, lambda threads: max(1, n * pl.ho // (4 * threads)))
-            return out
         # tasks: whole images, or blocks of channels when images are few
         run_kernel(_k.sparse_conv, _k.sparse_conv_parallel,
                    (*common, pl.chan, pl.off, pl.values, pl.bias, lo, n_planes * pl.src_plane,
@@ -253,18 +255,17 @@ class SparseConv2d(nn.Module):
 
 def _phases(x: torch.Tensor, xs: np.ndarray, used: np.ndarray, hq: int, wq: int
             ) -> np.ndarray:
-    """The stride-2 phases `used` of x (`xs`: its numpy view; either layout): one strided
-    torch copy when the phases tile x exactly (even sizes), else the numba kernel."""
-    n, c, hp, wp = x.shape[:4]
-    x5 = x.detach().reshape(n, c, hp, wp, -1)  # the pixel as a vector: 1 or LANES floats
+    """The stride-2 phases `used` of x (`xs`: its numpy view): one strided torch copy when
+    the phases tile x exactly (even sizes), else the numba kernel."""
+    n, c, hp, wp = x.shape
     if hp != 2 * hq or wp != 2 * wq:
-        return _k.phases(xs.reshape(x5.shape), used, hq, wq)
-    grid = x5.view(n, c, hq, 2, wq, 2, x5.shape[-1])
+        return _k.phases(xs, used, hq, wq)
+    grid = x.detach().view(n, c, hq, 2, wq, 2)
     if len(used) == 4:
-        out = grid.permute(0, 3, 5, 1, 2, 4, 6).contiguous()
+        out = grid.permute(0, 3, 5, 1, 2, 4).contiguous()
     else:
         out = torch.stack([grid[:, :, :, int(k) // 2, :, int(k) % 2] for k in used], 1)
-    return out.numpy().reshape(n, len(used) * c, -1)
+    return out.numpy().reshape(n, len(used) * c, hq * wq)
 
 
 def run_kernel(serial: Any, parallel: Any, args: tuple, work: int, blocks: Any,
