@@ -180,6 +180,20 @@ def test_tune_can_validate_after_batchnorm_recalibration(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_tune_says_when_the_choice_sits_at_the_grid_edge():
+    from mirrorprune.experiments.tune import grid_edge
+
+    lams = [2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4]
+    msg = grid_edge("lam", lams, 4e-4)
+    assert "largest" in msg and "lam=0.0008" in msg
+    assert "smallest" in grid_edge("lam", lams, 2.5e-5) and "lam=1.25e-05" in grid_edge(
+        "lam", lams, 2.5e-5)
+    assert "s_init=-5" in grid_edge("s_init", [-4, -3, -2, -1.5], -4)  # not all positive
+    assert grid_edge("lam", lams, 1e-4) is None  # inside
+    assert grid_edge("lam", [1e-5, 1e-4], 1e-4) is None  # two values have no inside
+    assert grid_edge("shape", ["cosine", "linear", "step"], "step") is None  # not numeric
+
+
 def test_tune_chooses_a_training_option_and_oneshot_takes_it(tmp_path, capsys):
     """weight_decay is a training option: tune grids it (here for dense, unpruned), writes the
     choice under "training", and --weight-decay carries it into the run configuration."""
@@ -191,6 +205,7 @@ def test_tune_chooses_a_training_option_and_oneshot_takes_it(tmp_path, capsys):
                  "--out", str(out)]) == 0
     blob = json.loads((out / "tune.json").read_text())
     assert blob["training"] == {"weight_decay": blob["best"]} and blob["hparams"] == {"dense": {}}
+    assert blob["at_edge"] is None  # two values: no inside to miss
     assert "--weight-decay" in capsys.readouterr().out
     for v in (0, 0.01):
         saved = json.loads((out / f"weight_decay={v}" / "runs" / "dense" / "seed0" /

@@ -123,6 +123,9 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     best = max(values, key=lambda v: scores[repr(v)])  # ties: the first in the grid
     table = "\n".join(f"{key}={v}: mean validation accuracy {100 * scores[repr(v)]:.2f}%"
                       + (" <- best" if v == best else "") for v in values)
+    edge = grid_edge(key, values, best)
+    if edge:
+        table += f"\nwarning: {edge}"
     if key in TRAINING_KEYS:
         table += f"\n(a training option: pass --{key.replace('_', '-')} {best} to oneshot/targets)"
     if is_main():
@@ -130,6 +133,7 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
         write_json(out / "tune.json", {
             "tune": asdict(cfg), "method": cfg.method, "key": key, "grid": values,
             "levels": list(cfg.levels), "mean_val_accuracy": scores, "best": best,
+            "at_edge": edge,
             "hparams": {cfg.method: {**cfg.hparams.get(cfg.method, {}),
                                      **({} if key in TRAINING_KEYS else {key: best})}},
             "training": {key: best} if key in TRAINING_KEYS else {},
@@ -143,6 +147,20 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
             "train_size": len(tr), "val_size": len(val), "provenance": provenance()})
     return {"table": table, "rows": rows, "best": best, "seconds": time.time() - t0,
             "files": ["tune.csv", "tune.json", f"{key}=*/runs/"]}
+
+
+def grid_edge(key: str, values: list, best: Any) -> str | None:
+    """Why the choice may not be the optimum when `best` is the smallest or largest of three
+    or more numeric grid values (the score may keep rising beyond it), with the next value to
+    try (geometric continuation when the grid is positive, else arithmetic); else None."""
+    nums = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if len(nums) < 3 or len(nums) != len(values) or best not in (nums[0], nums[-1]):
+        return None
+    edge, inner = (nums[0], nums[1]) if best == nums[0] else (nums[-1], nums[-2])
+    beyond = edge * edge / inner if nums[0] > 0 else 2 * edge - inner
+    side = "smallest" if best == nums[0] else "largest"
+    return (f"the best {key}={best} is the grid's {side} value: the optimum may lie beyond it; "
+            f"extend the grid (e.g. add {key}={beyond:.4g}) and tune again with --resume")
 
 
 def hparams_from(paths: list[str], dataset: str, model: str, methods: tuple[str, ...]
