@@ -158,6 +158,9 @@ def test_exported_cnn_equals_the_pruned_model(name, always_sparse):
     assert any("ReLU" in d.reason for d in convs if d.sparse)
     if name != "vgg16_bn":
         assert any("residual" in d.reason for d in convs if d.sparse)
+    units = [m for m in exported.modules() if isinstance(m, SparseConv2d)]
+    if name == "resnet20":  # outputs never alive at once share a buffer (checked below)
+        assert all(u.reuse_output for u in units) and len({u.slot for u in units}) < len(units)
     with torch.inference_mode():
         for batch, hw in [(1, (32, 32)), (7, (32, 32)), (16, (32, 48)), (64, (32, 32)),
                           (40, (48, 32))]:  # 40: blocked, the last group of 16 part empty
