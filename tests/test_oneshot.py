@@ -24,6 +24,8 @@ def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys):
     for f in ("oneshot.png", "oneshot.md", "config.json", "runs/pilot/seed1/log.jsonl",
               "runs/pilot/seed1/sweep.json", "runs/gmp/seed0/checkpoint.pt"):
         assert (tmp_path / f).exists(), f
+    times = (tmp_path / "oneshot.md").read_text().split("Training wall time per run")[1]
+    assert all(f"{m} " in times and "2 runs" in times for m in ("dense", "pilot", "gmp"))
     assert main(args) == 2
     assert "exists: resume it" in capsys.readouterr().err
     before = (tmp_path / "oneshot.csv").read_text()

@@ -274,6 +274,24 @@ def merge_rows(out: Path, results: str, rows: list[dict], key: str, rerun: Itera
     return [r for r in old if r.get(key) not in rerun] + rows
 
 
+def wall_times(run_dirs: Iterable[Path]) -> str:
+    """One line per method: the training wall time of its runs (the sum of the epoch times in
+    each run's log.jsonl, each epoch with its test evaluation), median and range in minutes.
+    `run_dirs`: folders runs/METHOD/seedN. Empty if no run has a log."""
+    minutes: dict[str, list[float]] = {}
+    for d in sorted(run_dirs):
+        log = d / "log.jsonl"
+        if log.exists():
+            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            minutes.setdefault(d.parent.name, []).append(sum(r["seconds"] for r in rows) / 60)
+    if not minutes:
+        return ""
+    parts = [f"{m} {sorted(v)[len(v) // 2]:.0f} min ({min(v):.0f}–{max(v):.0f}, {len(v)} runs)"
+             for m, v in minutes.items()]
+    return ("Training wall time per run (sum of its epochs' times, each with its test "
+            "evaluation; median, range): " + "; ".join(parts) + ".")
+
+
 def ordered(rows: list[dict], key: str) -> tuple[str, ...]:
     """The values of `key` in order of first appearance."""
     return tuple(dict.fromkeys(r[key] for r in rows))

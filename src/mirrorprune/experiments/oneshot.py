@@ -49,6 +49,7 @@ from .common import (
     plot_curves,
     preset,
     previous_config,
+    wall_times,
 )
 
 SWEEP = tuple(1 - 0.8**k for k in range(1, 26))
@@ -261,8 +262,9 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
              f"{'/'.join(map(str, seeds))} seed(s), {len(tr)} train images")
     plot(summary, methods, title, out / "oneshot.png")
     table = markdown_table(rows, summary, methods)
+    times = wall_times(d for m in methods for d in (out / "runs" / m).glob("seed*"))
     write_text(out / "oneshot.md", f"{title}\n\nTest accuracy (%), mean ± 95% CI over seeds.\n\n"
-                                    f"{table}\n")
+                                    f"{table}\n\n{times}\n")
     return {"table": table, "summary": summary, "seconds": time.time() - t0,
             "files": ["oneshot.csv", "oneshot.png", "oneshot.md", "config.json", "runs/"]}
 

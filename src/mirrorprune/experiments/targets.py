@@ -24,7 +24,15 @@ from ..errors import UsageError
 from ..files import write_json, write_rows, write_text
 from ..methods import METHODS, REFERENCE_EPOCH_LR
 from ..provenance import provenance
-from .common import MethodsConfig, load_data, merge_rows, ordered, preset, previous_config
+from .common import (
+    MethodsConfig,
+    load_data,
+    merge_rows,
+    ordered,
+    preset,
+    previous_config,
+    wall_times,
+)
 from .oneshot import OneshotConfig, check_runs, run_many, run_one
 
 
@@ -129,7 +137,9 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                                     "images\n\nTest accuracy (%) at exactly the target sparsity"
                                     + (", BatchNorm statistics re-estimated after pruning"
                                        if cfg.bn_recalibrate else "")
-                                    + f", mean ± 95% CI over seeds.\n\n{table}\n")
+                                    + f", mean ± 95% CI over seeds.\n\n{table}\n\n"
+                                    + wall_times(d for m in methods for d in
+                                                 out.glob(f"target*/runs/{m}/seed*")) + "\n")
     return {"table": table, "rows": rows, "seconds": time.time() - t0,
             "files": ["targets.csv", "targets.md", "config.json", "target*/runs/"]}
 
