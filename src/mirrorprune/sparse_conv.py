@@ -504,9 +504,9 @@ def _share_buffers(gm: fx.GraphModule, units: list[fx.Node],
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     ends: dict[fx.Node, list] = {}  # node -> the (shape, slot)s free once it has run
     free: dict[tuple, list[int]] = {}
-    slots, count = _Slots(), 0
+    slots, count, is_unit = _Slots(), 0, set(units)
     for n in gm.graph.nodes:
-        if n in units:
+        if n in is_unit:
             unit = gm.get_submodule(n.target)
             views = [r for r in n.users if r.op == "call_function" and r.target is unpad]
             unit.reuse_output = all(_reads_only(gm, r) or (r in views and all(
