@@ -165,24 +165,35 @@ def phases(x, which, hq, wq):  # pragma: no cover - compiled
 LANES = 16  # images per pixel vector in the blocked layout (one 64-byte AVX-512 register)
 
 
-def _strip(nv, step):
-    """An inlined LLVM loop: acc[a0 + 16 k : + 16] = sum over j0 <= j < j1 of
-    val[j] * src[s0 + base[j] + 16 step k : + 16] for k < nv (pixels `step` apart: the
-    stride), with the nv 16-float sums in vector registers."""
+def _strip(nv, step, residual):
+    """An inlined LLVM loop: for k < nv, the sum over j0 <= j < j1 of
+    val[j] * src[s0 + base[j] + 16 step k : + 16] (pixels `step` apart: the stride), in nv
+    vector registers; then out[d + 16 k : + 16] = max(sum + bias (+ res[r + 16 k : + 16] when
+    `residual`), lo). numba's own loops keep such sums in memory."""
     vec = ir.VectorType(ir.FloatType(), LANES)
     i64 = ir.IntType(64)
 
     @intrinsic
-    def strip(typingctx, src, s0, base, val, j0, j1, acc, a0):
-        sig = types.void(src, types.uint64, base, val, types.int64, types.int64, acc,
-                         types.uint64)
+    def strip(typingctx, src, s0, base, val, j0, j1, out, d, res, r, bias, lo):
+        sig = types.void(src, types.uint64, base, val, types.int64, types.int64, out,
+                         types.uint64, res, types.uint64, types.float32, types.float32)
 
         def codegen(context, builder, signature, args):
             def data(k):
                 ty = signature.args[k]
                 return context.make_array(ty)(context, builder, args[k]).data
 
-            srcp, basep, valp, accp = data(0), data(2), data(3), data(6)
+            def at(ptr, offset, k):  # the k-th vector from ptr + offset
+                return builder.bitcast(builder.gep(builder.gep(ptr, [offset]),
+                                                   [ir.Constant(i64, k)]), vec.as_pointer())
+
+            def splat(x):
+                v = builder.insert_element(ir.Constant(vec, ir.Undefined), x,
+                                           ir.Constant(ir.IntType(32), 0))
+                return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), ir.Constant(
+                    ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+
+            srcp, basep, valp, outp, resp = data(0), data(2), data(3), data(6), data(8)
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v16f32")
             entry = builder.block
@@ -198,25 +209,22 @@ def _strip(nv, step):
                 v.add_incoming(ir.Constant(vec, [0.0] * LANES), entry)
             builder.cbranch(builder.icmp_signed("<", j, args[5]), body, done)
             builder.position_at_end(body)
-            w = builder.insert_element(ir.Constant(vec, ir.Undefined),
-                                       builder.load(builder.gep(valp, [j])),
-                                       ir.Constant(ir.IntType(32), 0))
-            w = builder.shuffle_vector(w, ir.Constant(vec, ir.Undefined),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                   [0] * LANES))
-            at = builder.gep(srcp, [builder.add(args[1], builder.load(builder.gep(basep, [j])))])
-            new = [builder.call(fma, [w, builder.load(
-                builder.bitcast(builder.gep(at, [ir.Constant(i64, LANES * step * k)]),
-                                vec.as_pointer()), align=4), v]) for k, v in enumerate(sums)]
+            w = splat(builder.load(builder.gep(valp, [j])))
+            src = builder.add(args[1], builder.load(builder.gep(basep, [j])))
+            new = [builder.call(fma, [w, builder.load(at(srcp, src, LANES * step * k), align=4),
+                                      v]) for k, v in enumerate(sums)]
             j.add_incoming(builder.add(j, ir.Constant(i64, 1)), body)
             builder.branch(head)
             for v, x in zip(sums, new):
                 v.add_incoming(x, body)
             builder.position_at_end(done)
-            dst = builder.gep(accp, [args[7]])
+            bias, lo = splat(args[10]), splat(args[11])
             for k, v in enumerate(sums):
-                builder.store(v, builder.bitcast(builder.gep(dst, [ir.Constant(i64, LANES * k)]),
-                                                 vec.as_pointer()), align=4)
+                v = builder.fadd(v, bias)
+                if residual:
+                    v = builder.fadd(v, builder.load(at(resp, args[9], LANES * k), align=4))
+                v = builder.select(builder.fcmp_ordered(">", v, lo), v, lo)
+                builder.store(v, at(outp, args[7], LANES * k), align=4)
             return context.get_dummy_value()
         return sig, codegen
     return strip
@@ -225,29 +233,27 @@ def _strip(nv, step):
 def _pixels(nv, step):
     """The blocked kernel on pixels x0..x1 (a multiple of nv apart) of output row y of group
     g, nv at a time, stride `stride` (nv and, when nv > 1, stride = step are compile-time
-    constants: the loops unroll)."""
-    strip = _strip(nv, step)
+    constants)."""
+    plain, added = _strip(nv, step, False), _strip(nv, step, True)
 
     @njit(**_FLAGS)
     def pixels(src, out, res, indptr, base, val, bias, lo, src_img, width, res_img, res_plane,
                res_w, res_pad, n_out, out_w, pad, ho, g, y, x0, x1,
                stride):  # pragma: no cover - compiled
-        acc = _aligned(LANES * nv)
         out_plane = (ho + 2 * pad) * out_w
+        low = np.float32(lo)
         for x in range(x0, x1, nv):
             p = uint64(LANES * (g * src_img + (y * width + x) * stride))
             for o in range(n_out):
-                strip(src, p, base, val, indptr[o], indptr[o + 1], acc, uint64(0))
-                bo = bias[o]
                 d = uint64(LANES * ((g * n_out + o) * out_plane + (y + pad) * out_w + x + pad))
                 if res_plane >= 0:
                     r = uint64(LANES * (g * res_img + o * res_plane + (y + res_pad) * res_w + x
                                         + res_pad))
-                    for q in range(uint64(LANES * nv)):
-                        out[d + q] = max(acc[q] + bo + res[r + q], lo)
+                    added(src, p, base, val, indptr[o], indptr[o + 1], out, d, res, r, bias[o],
+                          low)
                 else:
-                    for q in range(uint64(LANES * nv)):
-                        out[d + q] = max(acc[q] + bo, lo)
+                    plain(src, p, base, val, indptr[o], indptr[o + 1], out, d, res, uint64(0),
+                          bias[o], low)
     return pixels
 
 
