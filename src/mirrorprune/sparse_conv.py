@@ -201,6 +201,13 @@ class SparseConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 res_pad: int = 0) -> torch.Tensor:
+        calls = getattr(_POOLS, "calls", None)
+        if calls is None:
+            calls = _POOLS.calls = weakref.WeakKeyDictionary()
+        last = calls.get(self)
+        if last is not None and last[0] is x and last[1] is residual and last[2] == res_pad:
+            run_kernel(*last[3])  # the same buffers as this thread's last call: same arguments
+            return last[4]
         blocked = x.dim() == 5
         if x.dtype != torch.float32 or not (x.dim() == 4 or blocked and x.shape[-1] == LANES):
             raise ValueError(f"SparseConv2d takes float32 padded planes (N, C, H+{2 * PAD}, "
@@ -227,24 +234,33 @@ class SparseConv2d(nn.Module):
         xs, outs = _flat(x), _flat(out)
         lo = 0.0 if self.relu else _NO_CLIP
         if blocked:  # tasks: blocks of output rows
-            run_kernel(_k.sparse_conv_blocked, _k.sparse_conv_blocked_parallel,
-                       (xs, outs, res, pl.indptr, pl.base,
-                        pl.values, pl.bias, lo, c * hp * wp, wp, res_img, res_plane, res_w,
-                        res_pad, n, self.out_channels, pl.wo + 2 * PAD, PAD, pl.ho, pl.wo,
-                        self.stride),
-                       n * LANES * pl.work, lambda threads: max(1, n * pl.ho // (4 * threads)))
-            return out
-        n_planes = c if pl.phase is None else len(pl.phase[0]) * c
-        if pl.phase is not None:
-            with _LOCK:
-                xs = _phases(x, xs.reshape(x.shape), *pl.phase).reshape(-1)
-        common = (xs, outs, res, pl.indptr)
-        # tasks: whole images, or blocks of channels when images are few
-        run_kernel(_k.sparse_conv, _k.sparse_conv_parallel,
-                   (*common, pl.chan, pl.off, pl.values, pl.bias, lo, n_planes * pl.src_plane,
-                    pl.src_plane, pl.width, (pl.ho - 1) * pl.width + pl.wo, res_img, res_plane,
-                    res_w, res_pad, n, self.out_channels, pl.wo + 2 * PAD, PAD, pl.ho, pl.wo),
-                   n * pl.work, lambda threads: -(-self.out_channels // max(1, 4 * threads // n)))
+            call = (_k.sparse_conv_blocked, _k.sparse_conv_blocked_parallel,
+                    (xs, outs, res, pl.indptr, pl.base, pl.values, pl.bias, lo, c * hp * wp, wp,
+                     res_img, res_plane, res_w, res_pad, n, self.out_channels, pl.wo + 2 * PAD,
+                     PAD, pl.ho, pl.wo, self.stride),
+                    n * LANES * pl.work, lambda threads: max(1, n * pl.ho // (4 * threads)))
+        else:
+            n_planes = c if pl.phase is None else len(pl.phase[0]) * c
+            n_out = self.out_channels  # not self in the closure: the cache below keeps it
+            if pl.phase is not None:
+                with _LOCK:
+                    xs = _phases(x, xs.reshape(x.shape), *pl.phase).reshape(-1)
+            # tasks: whole images, or blocks of channels when images are few
+            call = (_k.sparse_conv, _k.sparse_conv_parallel,
+                    (xs, outs, res, pl.indptr, pl.chan, pl.off, pl.values, pl.bias, lo,
+                     n_planes * pl.src_plane, pl.src_plane, pl.width,
+                     (pl.ho - 1) * pl.width + pl.wo, res_img, res_plane, res_w, res_pad, n,
+                     self.out_channels, pl.wo + 2 * PAD, PAD, pl.ho, pl.wo),
+                    n * pl.work, lambda threads: -(-n_out // max(1, 4 * threads // n)))
+        run_kernel(*call)
+        # Inside a ResNet the inputs are the buffers earlier layers reuse: when both are (they
+        # carry their numpy view, which no one resizes) and so is the output, the next call
+        # with the same buffers takes the same arguments (~4 µs of ~10 per batch-1 layer).
+        # The entry holds them, so their ids cannot be reused by other tensors meanwhile.
+        calls[self] = ((x, residual, res_pad, call, out)
+                       if self.reuse_output and (blocked or pl.phase is None)
+                       and all(hasattr(t, "_mirrorprune_flat") for t in (x, residual)
+                               if t is not None) else None)
         return out
 
     def extra_repr(self) -> str:
