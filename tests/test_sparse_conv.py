@@ -183,6 +183,20 @@ def test_outputs_that_escape_are_not_overwritten_by_the_next_call(always_sparse)
             assert torch.equal(a, b)
 
 
+def test_moving_an_exported_model_renews_its_cached_calls(always_sparse):
+    """share_memory() moves every buffer's storage: a cached call must not read the old one."""
+    model = _pruned(create_model("resnet20"), (3, 32, 32))
+    exported = mp.export_sparse(model, example_input=torch.randn(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        exported(x), exported(x)  # the second call is cached
+        unit = next(m for m in exported.modules() if isinstance(m, SparseConv2d))
+        before = unit.values.data_ptr()
+        exported.share_memory()
+        assert unit.values.data_ptr() != before
+        assert _rel(exported(x), model(x)) < 1e-4
+
+
 def test_an_exported_model_is_freed_with_its_buffers_and_cached_calls(always_sparse):
     import gc
     import weakref

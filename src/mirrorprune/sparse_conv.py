@@ -135,6 +135,7 @@ class SparseConv2d(nn.Module):
         b = torch.zeros(len(w)) if conv.bias is None else conv.bias.detach().float()
         self.register_buffer("bias", b.contiguous())
         self._plans: dict[tuple[int, int, int], tuple] = {}
+        self._generation = 0  # counts _apply calls: every thread's cached call goes stale
 
     @property
     def sparsity(self) -> float:
@@ -143,6 +144,7 @@ class SparseConv2d(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: the cached views go stale
         self._plans.clear()
+        self._generation += 1
         return super()._apply(fn, recurse)
 
     def _plan(self, c: int, hp: int, wp: int) -> _Plan:
@@ -205,7 +207,8 @@ class SparseConv2d(nn.Module):
         if calls is None:
             calls = _POOLS.calls = weakref.WeakKeyDictionary()
         last = calls.get(self)
-        if last is not None and last[0] is x and last[1] is residual and last[2] == res_pad:
+        if (last is not None and last[0] is x and last[1] is residual and last[2] == res_pad
+                and last[5] == self._generation):
             run_kernel(*last[3])  # the same buffers as this thread's last call: same arguments
             return last[4]
         blocked = x.dim() == 5
@@ -257,7 +260,7 @@ class SparseConv2d(nn.Module):
         # carry their numpy view, which no one resizes) and so is the output, the next call
         # with the same buffers takes the same arguments (~4 µs of ~10 per batch-1 layer).
         # The entry holds them, so their ids cannot be reused by other tensors meanwhile.
-        calls[self] = ((x, residual, res_pad, call, out)
+        calls[self] = ((x, residual, res_pad, call, out, self._generation)
                        if self.reuse_output and (blocked or pl.phase is None)
                        and all(hasattr(t, "_mirrorprune_flat") for t in (x, residual)
                                if t is not None) else None)
