@@ -191,6 +191,8 @@ def test_tune_says_when_the_choice_sits_at_the_grid_edge():
     assert "smallest" in grid_edge("lam", lams, 2.5e-5) and "lam=1.25e-05" in grid_edge(
         "lam", lams, 2.5e-5)
     assert "s_init=-5" in grid_edge("s_init", [-4, -3, -2, -1.5], -4)  # not all positive
+    assert "target=0.992" in grid_edge("target", [0.9, 0.95, 0.98], 0.98)  # stays below 1
+    assert "target=0.8)" in grid_edge("target", [0.9, 0.95, 0.98], 0.9)
     assert grid_edge("lam", lams, 1e-4) is None  # inside
     assert grid_edge("lam", [1e-5, 1e-4], 1e-4) is None  # two values have no inside
     assert grid_edge("shape", ["cosine", "linear", "step"], "step") is None  # not numeric

@@ -152,12 +152,18 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
 def grid_edge(key: str, values: list, best: Any) -> str | None:
     """Why the choice may not be the optimum when `best` is the smallest or largest of three
     or more numeric grid values (the score may keep rising beyond it), with the next value to
-    try (geometric continuation when the grid is positive, else arithmetic); else None."""
+    try: geometric continuation when the grid is positive — of 1 − v when every value lies in
+    (0.5, 1), as sparsity targets do (0.95, 0.98 → 0.992) — else arithmetic; else None."""
     nums = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
     if len(nums) < 3 or len(nums) != len(values) or best not in (nums[0], nums[-1]):
         return None
     edge, inner = (nums[0], nums[1]) if best == nums[0] else (nums[-1], nums[-2])
-    beyond = edge * edge / inner if nums[0] > 0 else 2 * edge - inner
+    if nums[0] <= 0:
+        beyond = 2 * edge - inner
+    elif 0.5 < nums[0] and nums[-1] < 1:
+        beyond = 1 - (1 - edge) ** 2 / (1 - inner)
+    else:
+        beyond = edge * edge / inner
     side = "smallest" if best == nums[0] else "largest"
     return (f"the best {key}={best} is the grid's {side} value: the optimum may lie beyond it; "
             f"extend the grid (e.g. add {key}={beyond:.4g}) and tune again with --resume")
