@@ -6,7 +6,7 @@
 # strengths 0.5 and 1 pruned to 90-98% after 10 epochs sat at chance, 10-13%: the choice would
 # be noise; the same values serve both tables); then the one-shot table at 2 seeds, with and
 # without BatchNorm recalibration (a grid whose best value sits at its edge is extended: `tune`
-# warns; L1's 4e-4 came out best, so 8e-4 was added),
+# warns; L1's 4e-4 and spred's 1e-3 came out best, so 8e-4 and 2e-3, 4e-3 were added),
 # then the fixed targets 90/95/98% (pilot aimed by its target controller, gmp by its ramp,
 # spred and str by their aim tables: `Method.aim`) at 2 seeds under the same budget.
 # About 30 hours of this 2-core machine (~45-80 min per 45-epoch run, two at a time);
@@ -24,7 +24,7 @@ export METHODS=${METHODS:-dense pilot pilot_opt l1 gmp spred str} BNRECAL=1 TUNE
 export GRIDS="pilot strength=0.5,1,2,4,8 --hp=pilot.shape=$SHAPE
 pilot_opt strength=0.5,1,2,4,8 --hp=pilot_opt.shape=$SHAPE
 l1 lam=2.5e-05,5e-05,0.0001,0.0002,0.0004,0.0008
-spred alpha=6.25e-05,0.000125,0.00025,0.0005,0.001
+spred alpha=6.25e-05,0.000125,0.00025,0.0005,0.001,0.002,0.004
 str s_init=-4,-3,-2,-1.5
 gmp target=0.9,0.95,0.98"
 bash benchmarks/tune_oneshot.sh "${1:-results/oneshot-cifar10-full}"
