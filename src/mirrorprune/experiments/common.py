@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -286,7 +287,7 @@ def wall_times(run_dirs: Iterable[Path]) -> str:
             minutes.setdefault(d.parent.name, []).append(sum(r["seconds"] for r in rows) / 60)
     if not minutes:
         return ""
-    parts = [f"{m} {sorted(v)[len(v) // 2]:.0f} min ({min(v):.0f}–{max(v):.0f}, {len(v)} runs)"
+    parts = [f"{m} {statistics.median(v):.0f} min ({min(v):.0f}–{max(v):.0f}, {len(v)} runs)"
              for m, v in minutes.items()]
     return ("Training wall time per run (sum of its epochs' times, each with its test "
             "evaluation; median, range): " + "; ".join(parts) + ".")
