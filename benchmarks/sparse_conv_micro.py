@@ -14,25 +14,19 @@ unless stated, medians; 2-core AMD EPYC (Zen 4) here.
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 import torch
+from inference import latency  # benchmarks/inference.py: interleaved medians
 
 import mirrorprune as mp
 from mirrorprune import sparse_conv as sc
 from mirrorprune.models import resnet20
 
 
-def per_call(f, n: int, rounds: int = 5) -> float:
-    f()
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        ts.append((time.perf_counter() - t) / n)
-    return statistics.median(ts)
+def per_call(f, n: int) -> float:
+    """Median seconds per call of f() over 5 rounds of n calls."""
+    return latency(lambda _: f(), x=None, rounds=5, reps=n)[0]
 
 
 def cost_model() -> None:
@@ -98,13 +92,8 @@ def batch1(model) -> None:
           f"{missed * 1e6:.1f} us uncached; its kernel alone {kernel * 1e6:.1f} us")
     torch.set_num_threads(2)
     best = mp.export_dense_fast(model)
-    x = torch.randn(1, 3, 32, 32)
     for k in range(3):
-        t = {"sparse": [], "best": []}
-        for _ in range(15):
-            for name, m in (("sparse", sp), ("best", best)):
-                t[name].append(per_call(lambda m=m: m(x), 100, rounds=1))
-        a, b = statistics.median(t["sparse"]), statistics.median(t["best"])
+        a, b = latency(sp, best, x=torch.randn(1, 3, 32, 32), rounds=15, reps=100)
         print(f"4. batch 1, 2 threads, run {k + 1}: sparse {a * 1e3:.3f} ms, best dense "
               f"{b * 1e3:.3f} ms, {b / a:.2f}x")
 
