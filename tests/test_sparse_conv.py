@@ -197,6 +197,34 @@ def test_moving_an_exported_model_renews_its_cached_calls(always_sparse):
         assert _rel(exported(x), model(x)) < 1e-4
 
 
+def test_an_exported_model_pickles_and_so_does_one_from_before_shared_buffers(always_sparse):
+    """fx pickles the generated code and traces it again on load (which failed on the layout
+    functions); units pickled by an older version lack `slots`, `slot` and `_generation`:
+    they fall back to one buffer per unit and a fresh cache."""
+    import io
+    import pickle
+
+    model = _pruned(create_model("resnet20"), (3, 32, 32))
+    exported = mp.export_sparse(model, example_input=torch.randn(2, 3, 32, 32))
+    buf = io.BytesIO()
+    torch.save(exported, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    def nodes(gm):
+        return [(n.op, n.target) for n in gm.graph.nodes]
+
+    assert nodes(loaded) == nodes(exported)
+    for unit in exported.modules():
+        if isinstance(unit, SparseConv2d):
+            for name in ("slots", "slot", "_generation"):
+                unit.__dict__.pop(name, None)
+    old = pickle.loads(pickle.dumps(exported))
+    with torch.inference_mode():
+        for batch in (2, 2, 16, 16):  # both layouts, each twice (the second call is cached)
+            x = torch.randn(batch, 3, 32, 32)
+            ref = model(x)
+            assert _rel(loaded(x), ref) < 1e-4 and _rel(old(x), ref) < 1e-4
+
+
 def test_an_exported_model_is_freed_with_its_buffers_and_cached_calls(always_sparse):
     import gc
     import weakref

@@ -108,6 +108,10 @@ class SparseConv2d(nn.Module):
     when given, is added before the ReLU: an ordinary NCHW tensor of the output's shape
     (res_pad=0) or padded planes (res_pad=PAD). Inference only (no autograd)."""
 
+    # class-level defaults, so that units pickled before these attributes existed still run
+    slot: int | None = None  # which of its model's shared buffers (_share_buffers)
+    _generation = 0  # counts _apply calls: every thread's cached call goes stale
+
     def __init__(self, conv: nn.Conv2d, relu: bool = False, reuse_output: bool = False):
         super().__init__()
         why = supported(conv)
@@ -121,7 +125,6 @@ class SparseConv2d(nn.Module):
         # whether the output buffer may be reused by the next call: only when nothing of this
         # call's output outlives the forward pass (convert_convs decides)
         self.reuse_output = reuse_output
-        self.slot: int | None = None  # which of its model's shared buffers (_share_buffers)
         o, c, ky, kx = (t.to(torch.int64) for t in torch.nonzero(w, as_tuple=True))
         # row-major nonzeros (sorted by output channel): the CSR rows of the kernel
         self.register_buffer("values", w[o, c, ky, kx].float().contiguous())
@@ -135,7 +138,6 @@ class SparseConv2d(nn.Module):
         b = torch.zeros(len(w)) if conv.bias is None else conv.bias.detach().float()
         self.register_buffer("bias", b.contiguous())
         self._plans: dict[tuple[int, int, int], tuple] = {}
-        self._generation = 0  # counts _apply calls: every thread's cached call goes stale
 
     @property
     def sparsity(self) -> float:
@@ -211,6 +213,21 @@ class SparseConv2d(nn.Module):
                 and last[5] == self._generation):
             run_kernel(*last[3])  # the same buffers as this thread's last call: same arguments
             return last[4]
+        call, out, cacheable = self._prepare(x, residual, res_pad)
+        run_kernel(*call)
+        # Inside a ResNet the inputs are the buffers earlier layers reuse: when both are (they
+        # carry their numpy view, which no one resizes) and so is the output, the next call
+        # with the same buffers takes the same arguments (~4 µs of ~10 per batch-1 layer).
+        # The entry holds them, so their ids cannot be reused by other tensors meanwhile.
+        calls[self] = ((x, residual, res_pad, call, out, self._generation)
+                       if cacheable and all(hasattr(t, "_mirrorprune_flat") for t in (x, residual)
+                                            if t is not None) else None)
+        return out
+
+    def _prepare(self, x: torch.Tensor, residual: torch.Tensor | None, res_pad: int
+                 ) -> tuple[tuple, torch.Tensor, bool]:
+        """Check the input, take the output buffer and build the kernel call (`run_kernel`'s
+        arguments); the flag says whether the call may be reused for the same buffers."""
         blocked = x.dim() == 5
         if x.dtype != torch.float32 or not (x.dim() == 4 or blocked and x.shape[-1] == LANES):
             raise ValueError(f"SparseConv2d takes float32 padded planes (N, C, H+{2 * PAD}, "
@@ -237,34 +254,25 @@ class SparseConv2d(nn.Module):
         xs, outs = _flat(x), _flat(out)
         lo = 0.0 if self.relu else _NO_CLIP
         if blocked:  # tasks: blocks of output rows
-            call = (_k.sparse_conv_blocked, _k.sparse_conv_blocked_parallel,
-                    (xs, outs, res, pl.indptr, pl.base, pl.values, pl.bias, lo, c * hp * wp, wp,
-                     res_img, res_plane, res_w, res_pad, n, self.out_channels, pl.wo + 2 * PAD,
-                     PAD, pl.ho, pl.wo, self.stride),
-                    n * LANES * pl.work, lambda threads: max(1, n * pl.ho // (4 * threads)))
-        else:
-            n_planes = c if pl.phase is None else len(pl.phase[0]) * c
-            n_out = self.out_channels  # not self in the closure: the cache below keeps it
-            if pl.phase is not None:
-                with _LOCK:
-                    xs = _phases(x, xs.reshape(x.shape), *pl.phase).reshape(-1)
-            # tasks: whole images, or blocks of channels when images are few
-            call = (_k.sparse_conv, _k.sparse_conv_parallel,
-                    (xs, outs, res, pl.indptr, pl.chan, pl.off, pl.values, pl.bias, lo,
-                     n_planes * pl.src_plane, pl.src_plane, pl.width,
-                     (pl.ho - 1) * pl.width + pl.wo, res_img, res_plane, res_w, res_pad, n,
-                     self.out_channels, pl.wo + 2 * PAD, PAD, pl.ho, pl.wo),
-                    n * pl.work, lambda threads: -(-n_out // max(1, 4 * threads // n)))
-        run_kernel(*call)
-        # Inside a ResNet the inputs are the buffers earlier layers reuse: when both are (they
-        # carry their numpy view, which no one resizes) and so is the output, the next call
-        # with the same buffers takes the same arguments (~4 µs of ~10 per batch-1 layer).
-        # The entry holds them, so their ids cannot be reused by other tensors meanwhile.
-        calls[self] = ((x, residual, res_pad, call, out, self._generation)
-                       if self.reuse_output and (blocked or pl.phase is None)
-                       and all(hasattr(t, "_mirrorprune_flat") for t in (x, residual)
-                               if t is not None) else None)
-        return out
+            return ((_k.sparse_conv_blocked, _k.sparse_conv_blocked_parallel,
+                     (xs, outs, res, pl.indptr, pl.base, pl.values, pl.bias, lo, c * hp * wp,
+                      wp, res_img, res_plane, res_w, res_pad, n, self.out_channels,
+                      pl.wo + 2 * PAD, PAD, pl.ho, pl.wo, self.stride),
+                     n * LANES * pl.work, lambda threads: max(1, n * pl.ho // (4 * threads))),
+                    out, self.reuse_output)
+        n_planes = c if pl.phase is None else len(pl.phase[0]) * c
+        n_out = self.out_channels  # not self in the closure: the call cache keeps it
+        if pl.phase is not None:
+            with _LOCK:
+                xs = _phases(x, xs.reshape(x.shape), *pl.phase).reshape(-1)
+        # tasks: whole images, or blocks of channels when images are few
+        return ((_k.sparse_conv, _k.sparse_conv_parallel,
+                 (xs, outs, res, pl.indptr, pl.chan, pl.off, pl.values, pl.bias, lo,
+                  n_planes * pl.src_plane, pl.src_plane, pl.width,
+                  (pl.ho - 1) * pl.width + pl.wo, res_img, res_plane, res_w, res_pad, n,
+                  self.out_channels, pl.wo + 2 * PAD, PAD, pl.ho, pl.wo),
+                 n * pl.work, lambda threads: -(-n_out // max(1, 4 * threads // n))),
+                out, self.reuse_output and pl.phase is None)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kh}, {self.kw}), "
@@ -505,8 +513,18 @@ def convert_convs(gm: fx.GraphModule, example_input: torch.Tensor, min_sparsity:
     graph.eliminate_dead_code()
     _share_buffers(gm, units, {u: tuple(values[v].shape) for v, u in padded.items()})
     gm.delete_all_unused_submodules()
+    gm._tracer_cls = graph._tracer_cls = _Tracer
     gm.recompile()
     return decisions
+
+
+class _Tracer(fx.Tracer):
+    """The tracer that rebuilds an exported model's graph when it is unpickled (fx pickles
+    the generated code and traces it again): the layout functions stay calls, as built."""
+
+    def __init__(self, *args: Any, autowrap_functions: tuple = (), **kwargs: Any):
+        super().__init__(*args, autowrap_functions=(*autowrap_functions, pad_planes, unpad),
+                         **kwargs)
 
 
 class _Slots:
