@@ -71,8 +71,6 @@ def supported(conv: nn.Module) -> str | None:
         return f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r} (only numeric zeros)"
     if conv.stride not in ((1, 1), (2, 2)):
         return f"stride={conv.stride} (only 1 or 2)"
-    if max(conv.padding) > PAD:
-        return f"padding={conv.padding} (at most {PAD})"
     if conv.weight.dtype != torch.float32:
         return f"{conv.weight.dtype} weights (only float32)"
     if conv.weight.device.type != "cpu":
@@ -106,11 +104,13 @@ class SparseConv2d(nn.Module):
     Input and output are padded planes: NCHW float32 with a zero border of `PAD` pixels
     (`pad_planes` makes one from an ordinary tensor, `unpad` views the interior). `residual`,
     when given, is added before the ReLU: an ordinary NCHW tensor of the output's shape
-    (res_pad=0) or padded planes (res_pad=PAD). Inference only (no autograd)."""
+    (res_pad=0) or padded planes (res_pad=PAD). Any zero padding: beyond PAD the unit copies
+    its input into a wider border (`border`) first. Inference only (no autograd)."""
 
     # class-level defaults, so that units pickled before these attributes existed still run
     slot: int | None = None  # which of its model's shared buffers (_share_buffers)
     _generation = 0  # counts _apply calls: every thread's cached call goes stale
+    border = PAD  # of the input the kernel reads (more than PAD for padding beyond PAD)
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False, reuse_output: bool = False):
         super().__init__()
@@ -133,8 +133,10 @@ class SparseConv2d(nn.Module):
                                                   .cumsum(0)]))
         # where each nonzero reads in the padded input: channel, row and column shift
         self.register_buffer("chan", c)
-        self.register_buffer("dy", ky + PAD - self.padding[0])
-        self.register_buffer("dx", kx + PAD - self.padding[1])
+        # padding beyond the layout's border: the unit widens its input's zero border itself
+        self.border = max(PAD, *self.padding)
+        self.register_buffer("dy", ky + self.border - self.padding[0])
+        self.register_buffer("dx", kx + self.border - self.padding[1])
         b = torch.zeros(len(w)) if conv.bias is None else conv.bias.detach().float()
         self.register_buffer("bias", b.contiguous())
         self._plans: dict[tuple[int, int, int], tuple] = {}
@@ -157,7 +159,7 @@ class SparseConv2d(nn.Module):
             if c != self.in_channels:
                 raise ValueError(f"SparseConv2d expects {self.in_channels} input channels, "
                                  f"got {c}")
-            h, w = hp - 2 * PAD, wp - 2 * PAD
+            h, w = hp - 2 * self.border, wp - 2 * self.border
             ho = (h + 2 * self.padding[0] - self.kh) // self.stride + 1
             wo = (w + 2 * self.padding[1] - self.kw) // self.stride + 1
             if ho < 1 or wo < 1:
@@ -234,6 +236,11 @@ class SparseConv2d(nn.Module):
                              f"W+{2 * PAD}) or their blocked form (N/{LANES}, C, H+{2 * PAD}, "
                              f"W+{2 * PAD}, {LANES}): see pad_planes; got {x.dtype} of shape "
                              f"{tuple(x.shape)}")
+        cacheable = self.reuse_output
+        if self.border > PAD:  # a copy with a wider zero border: new each call
+            e = self.border - PAD
+            x = F.pad(x, (0, 0) * blocked + (e, e, e, e)).contiguous()
+            cacheable = False
         n, c, hp, wp = x.shape[:4]  # n: images, or groups of LANES images when blocked
         pl = self._plan(c, hp, wp)
         lanes = (LANES,) if blocked else ()
@@ -259,7 +266,7 @@ class SparseConv2d(nn.Module):
                       wp, res_img, res_plane, res_w, res_pad, n, self.out_channels,
                       pl.wo + 2 * PAD, PAD, pl.ho, pl.wo, self.stride),
                      n * LANES * pl.work, lambda threads: max(1, n * pl.ho // (4 * threads))),
-                    out, self.reuse_output)
+                    out, cacheable)
         n_planes = c if pl.phase is None else len(pl.phase[0]) * c
         n_out = self.out_channels  # not self in the closure: the call cache keeps it
         if pl.phase is not None:
@@ -272,7 +279,7 @@ class SparseConv2d(nn.Module):
                   (pl.ho - 1) * pl.width + pl.wo, res_img, res_plane, res_w, res_pad, n,
                   self.out_channels, pl.wo + 2 * PAD, PAD, pl.ho, pl.wo),
                  n * pl.work, lambda threads: -(-n_out // max(1, 4 * threads // n))),
-                out, self.reuse_output and pl.phase is None)
+                out, cacheable and pl.phase is None)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kh}, {self.kw}), "
