@@ -126,6 +126,9 @@ def test_stats_contents():
         int(abs(float(v)) <= 1e-3) for v in x[:3])) / 120
     assert st2["c_measured"] == pytest.approx(1.0, rel=1e-5)  # m² − w² = β for every entry
     assert st2["penalty"] == pytest.approx(1e-2 * st2["l2sq_mw"])
+    # the default Strength has no horizon before attach: stats still work, without an α
+    fresh = mp.PILoT(nn.Linear(4, 4)).stats()
+    assert fresh["alpha"] is None and fresh["penalty"] is None and fresh["A"] == 0.0
     opt = torch.optim.SGD(pilot.param_groups(), lr=0.1)
     model(torch.randn(2, 10)).sum().backward()
     pilot.step()  # no lr: A is unknown from then on, the measured c still reported

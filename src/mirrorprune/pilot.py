@@ -190,10 +190,11 @@ class PILoT:
     def stats(self, zero_tol: float = 1e-3) -> dict[str, float | int | None]:
         """Diagnostics as a flat dict of numbers (JSON-ready).
 
-        step, alpha (next α_k), alpha_sum (Σ α_k), A (the realized strength: Σ ΔA_k for a
-        strength schedule; for an α schedule the measured A_measured, which includes momentum's
-        amplification of a coupled decay), A_nominal (Σ ΔA_k, or Σ η_k α_k for an α schedule,
-        None unless every step got lr: the A of the theory for plain gradient descent), c
+        step, alpha (next α_k; None for a Strength before its horizon is known), alpha_sum
+        (Σ α_k), A (the realized strength: Σ ΔA_k for a strength schedule; for an α schedule
+        the measured A_measured, which includes momentum's amplification of a coupled decay),
+        A_nominal (Σ ΔA_k, or Σ η_k α_k for an α schedule, None unless every step got lr: the
+        A of the theory for plain gradient descent), c
         (theory: β/2·exp(−4·A_nominal)), c_measured (median of (m² − w²)/2, which the flow keeps
         equal to c_t whatever the loss), A_measured (−¼ log(2 c_measured / β)), l1 (‖x‖₁),
         l2sq_mw (‖m‖² + ‖w‖²), penalty (α·l2sq_mw), near_zero (fraction with |x| ≤ zero_tol),
@@ -206,7 +207,10 @@ class PILoT:
         half_diff = torch.cat([((mw.m.square() - mw.w.square()) / 2).flatten().double()
                                for mw in self.weights])
         c_meas = float(half_diff.median())
-        alpha = self.alpha
+        try:
+            alpha: float | None = self.alpha
+        except UsageError:  # a Strength not yet given its horizon (attach): nothing applied yet
+            alpha = None
         a_meas = (-0.25 * math.log(2 * c_meas / self.beta) if self.beta > 0 and c_meas > 0
                   else None)
         out: dict[str, float | int | None] = {
@@ -220,7 +224,7 @@ class PILoT:
             "A_measured": a_meas,
             "l1": sum(float(x.abs().sum()) for x in xs),
             "l2sq_mw": l2,
-            "penalty": alpha * l2,
+            "penalty": alpha * l2 if alpha is not None else None,
             "near_zero": sum(int((x.abs() <= zero_tol).sum()) for x in xs) / n,
             "zeros": sum(int((x == 0).sum()) for x in xs),
             "params": n,
