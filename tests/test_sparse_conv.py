@@ -24,9 +24,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _sparse_conv(cin, cout, k, stride, padding, bias, sparsity=0.9, seed=0) -> nn.Conv2d:
+def _sparse_conv(cin, cout, k, stride, padding, bias, sparsity=0.9, seed=0, groups=1
+                 ) -> nn.Conv2d:
     torch.manual_seed(seed)
-    conv = nn.Conv2d(cin, cout, k, stride, padding, bias=bias).eval()
+    conv = nn.Conv2d(cin, cout, k, stride, padding, bias=bias, groups=groups).eval()
     with torch.no_grad():
         conv.weight[torch.rand_like(conv.weight) < sparsity] = 0
     return conv
@@ -56,6 +57,17 @@ def test_kernel_equals_conv2d(k, stride, padding, batch, blocked):
     assert out[:, :, 0].abs().max() == 0 and out[:, :, :, -1].abs().max() == 0
 
 
+@pytest.mark.parametrize("cin,cout,groups", [(8, 12, 2), (8, 8, 8), (8, 16, 8)])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch", [3, 16])
+def test_grouped_and_depthwise_convolutions(cin, cout, groups, stride, batch):
+    conv = _sparse_conv(cin, cout, 3, stride, 1, bias=True, sparsity=0.5, groups=groups)
+    x = torch.randn(batch, cin, 9, 10)
+    unit = SparseConv2d(conv, relu=True)
+    assert unit.sparsity == pytest.approx(float((conv.weight == 0).float().mean()))
+    assert _rel(unpad(unit(pad_planes(x)), x), F.relu(conv(x)).detach()) < 1e-5
+
+
 def test_the_layout_follows_the_batch_and_mixed_layouts_are_refused():
     assert sparse_conv.LANES == sparse_conv._k.LANES
     assert [sparse_conv.blocked_for(n) for n in (1, 15, 16, 17, 20, 28, 64)] == \
@@ -80,16 +92,20 @@ def test_kernel_handles_empty_rows_and_fully_zero_weights(k, stride, padding):
 
 
 def test_kernel_equals_conv2d_on_random_shapes():
-    """Random channel counts, kernel sizes (1, 2, 3, 5), strides, paddings (0-3), sizes down to the
-    kernel's, batches, sparsities (0 to 1), ReLU and residuals, twice each (a reused output
-    buffer must come back with a zero border), in both layouts."""
+    """Random groups (1, 2, 3 or one per input channel), channel counts, kernel sizes (1, 2, 3,
+    5), strides, paddings (0-3), sizes down to the kernel's, batches, sparsities (0 to 1), ReLU
+    and residuals, twice each (a reused output buffer must come back with a zero border), in
+    both layouts."""
     rng = random.Random(0)
     for _ in range(60):
         kh, kw = rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 3, 5])
-        conv = _sparse_conv(rng.randint(1, 12), rng.randint(1, 12), (kh, kw), rng.choice([1, 2]),
+        groups = rng.choice([1, 1, 2, 3, "depthwise"])
+        cin = rng.randint(1, 12) if groups == "depthwise" else groups * rng.randint(1, 4)
+        groups = cin if groups == "depthwise" else groups
+        conv = _sparse_conv(cin, groups * rng.randint(1, 4), (kh, kw), rng.choice([1, 2]),
                             (rng.randint(0, 3), rng.randint(0, 3)), rng.random() < 0.5,
                             sparsity=rng.choice([0.0, 0.5, 0.9, 0.99, 1.0]),
-                            seed=rng.randint(0, 999))
+                            seed=rng.randint(0, 999), groups=groups)
         blocked = rng.random() < 0.5
         x = torch.randn(rng.choice([1, 2, 3, 16, 17, 33]), conv.in_channels,
                         rng.randint(kh, 14), rng.randint(kw, 14))
@@ -104,8 +120,7 @@ def test_kernel_equals_conv2d_on_random_shapes():
 
 
 def test_unsupported_convolutions_are_refused_with_the_reason():
-    for conv, why in [(nn.Conv2d(4, 4, 3, groups=2), "groups"),
-                      (nn.Conv2d(4, 4, 3, dilation=2), "dilation"),
+    for conv, why in [(nn.Conv2d(4, 4, 3, dilation=2), "dilation"),
                       (nn.Conv2d(4, 4, 3, stride=3), "stride"),
                       (nn.Conv2d(4, 4, 3, padding="same"), "padding"),
                       (nn.Conv2d(4, 4, 3).double(), "float32")]:
@@ -121,13 +136,15 @@ def always_sparse(monkeypatch):
 
 
 class OwnNet(nn.Module):
-    """A user's CNN: functional ReLUs, `torch.relu`, an in-place add, a max-pool, a 5x5
-    convolution, a 1x1 stride-2 projection and a second output of intermediate features."""
+    """A user's CNN: functional ReLUs, `torch.relu`, an in-place add, a max-pool, a 5x5 and a
+    depthwise convolution, a 1x1 stride-2 projection and a second output of intermediate
+    features."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
         self.a = nn.Conv2d(16, 16, 5, padding=2)  # wider than the layout's border
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)  # depthwise
         self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
         self.bn_b = nn.BatchNorm2d(16)
         self.down = nn.Conv2d(16, 24, 3, stride=2, padding=1)
@@ -137,7 +154,7 @@ class OwnNet(nn.Module):
 
     def forward(self, x):
         h = F.relu(self.stem(x))
-        y = self.bn_b(self.b(torch.relu(self.a(h))))
+        y = self.bn_b(self.b(torch.relu(self.dw(torch.relu(self.a(h))))))
         y += h
         h = F.relu(y)
         z = self.down(h) + self.proj(h)

@@ -63,8 +63,6 @@ def supported(conv: nn.Module) -> str | None:
     """None if `conv` can compute with the sparse kernel, else why not."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} (only nn.Conv2d)"
-    if conv.groups != 1:
-        return f"groups={conv.groups} (only groups=1)"
     if conv.dilation != (1, 1):
         return f"dilation={conv.dilation} (only 1)"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -111,6 +109,7 @@ class SparseConv2d(nn.Module):
     slot: int | None = None  # which of its model's shared buffers (_share_buffers)
     _generation = 0  # counts _apply calls: every thread's cached call goes stale
     border = PAD  # of the input the kernel reads (more than PAD for padding beyond PAD)
+    groups = 1
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False, reuse_output: bool = False):
         super().__init__()
@@ -118,7 +117,8 @@ class SparseConv2d(nn.Module):
         if why is not None:
             raise ValueError(f"SparseConv2d cannot compute this convolution: {why}")
         w = conv.weight.detach()
-        self.out_channels, self.in_channels, self.kh, self.kw = w.shape
+        self.out_channels, per_group, self.kh, self.kw = w.shape
+        self.in_channels, self.groups = conv.in_channels, conv.groups
         self.stride = conv.stride[0]
         self.padding = conv.padding
         self.relu = relu
@@ -128,6 +128,7 @@ class SparseConv2d(nn.Module):
         o, c, ky, kx = (t.to(torch.int64) for t in torch.nonzero(w, as_tuple=True))
         # row-major nonzeros (sorted by output channel): the CSR rows of the kernel
         self.register_buffer("values", w[o, c, ky, kx].float().contiguous())
+        c = c + o // (self.out_channels // self.groups) * per_group  # grouped: its input slice
         self.register_buffer("indptr", torch.cat([torch.zeros(1, dtype=torch.int64),
                                                   torch.bincount(o, minlength=len(w))
                                                   .cumsum(0)]))
@@ -143,8 +144,8 @@ class SparseConv2d(nn.Module):
 
     @property
     def sparsity(self) -> float:
-        return 1 - self.values.numel() / (self.out_channels * self.in_channels * self.kh
-                                          * self.kw)
+        return 1 - self.values.numel() * self.groups / (self.out_channels * self.in_channels
+                                                        * self.kh * self.kw)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: the cached views go stale
         self._plans.clear()
@@ -283,7 +284,8 @@ class SparseConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kh}, {self.kw}), "
-                f"stride={self.stride}, padding={self.padding}, relu={self.relu}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"relu={self.relu}, "
                 f"sparsity={self.sparsity:.3f}")
 
 
