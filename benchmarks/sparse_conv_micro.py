@@ -9,9 +9,9 @@ unless stated, medians; 2-core AMD EPYC (Zen 4) here.
 3. The whole network at batch 64 (2 threads): output buffers shared vs one per layer.
 4. Batch 1: a stage-3 layer's module call (cached arguments / forced miss) vs its kernel alone,
    and the exported model vs the best dense one (2 threads, 100 calls x 15 rounds, 3 times).
-5. Layers padded beyond the layouts' 1-pixel border (they copy their input into a wider one)
-   and a depthwise layer vs their dense form (channels_last), 95% sparse, one thread; a 3x3
-   layer for reference.
+5. Layers padded beyond the layouts' 1-pixel border (they copy their input into a wider one),
+   a depthwise and a dilated layer vs their dense form (channels_last), 95% sparse, one
+   thread; a 3x3 layer for reference.
 """
 
 from __future__ import annotations
@@ -102,9 +102,10 @@ def batch1(model) -> None:
 
 
 def other_layers() -> None:
-    for k, pad, c, hw, groups in ((3, 1, 32, 16, 1), (5, 2, 32, 16, 1), (7, 3, 3, 32, 1),
-                                  (3, 1, 32, 16, 32)):
-        conv = torch.nn.Conv2d(c, 32, k, 1, pad, groups=groups).eval()
+    for k, pad, c, hw, groups, dil in ((3, 1, 32, 16, 1, 1), (5, 2, 32, 16, 1, 1),
+                                       (7, 3, 3, 32, 1, 1), (3, 1, 32, 16, 32, 1),
+                                       (3, 2, 32, 16, 1, 2)):
+        conv = torch.nn.Conv2d(c, 32, k, 1, pad, dilation=dil, groups=groups).eval()
         with torch.no_grad():
             conv.weight[torch.rand_like(conv.weight) < 0.95] = 0
         unit, dense = sc.SparseConv2d(conv, reuse_output=True), sc._dense_chain(conv, False)
@@ -112,8 +113,8 @@ def other_layers() -> None:
             x = torch.randn(batch, c, hw, hw)
             a, b = latency(lambda v, u=unit: u(v[1]), lambda v, d=dense: d(v[0], None),
                            x=(x, sc.pad_planes(x)), rounds=7, reps=20)
-            print(f"5. {k}x{k} padding {pad}, {c}->32 at {hw}x{hw}, groups {groups}, batch "
-                  f"{batch}: sparse "
+            print(f"5. {k}x{k} padding {pad}, dilation {dil}, {c}->32 at {hw}x{hw}, groups "
+                  f"{groups}, batch {batch}: sparse "
                   f"{a * 1e3:.3f} ms, dense {b * 1e3:.3f} ms, {b / a:.2f}x")
 
 

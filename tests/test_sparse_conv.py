@@ -24,10 +24,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _sparse_conv(cin, cout, k, stride, padding, bias, sparsity=0.9, seed=0, groups=1
-                 ) -> nn.Conv2d:
+def _sparse_conv(cin, cout, k, stride, padding, bias, sparsity=0.9, seed=0, groups=1,
+                 dilation=1) -> nn.Conv2d:
     torch.manual_seed(seed)
-    conv = nn.Conv2d(cin, cout, k, stride, padding, bias=bias, groups=groups).eval()
+    conv = nn.Conv2d(cin, cout, k, stride, padding, bias=bias, groups=groups,
+                     dilation=dilation).eval()
     with torch.no_grad():
         conv.weight[torch.rand_like(conv.weight) < sparsity] = 0
     return conv
@@ -93,9 +94,9 @@ def test_kernel_handles_empty_rows_and_fully_zero_weights(k, stride, padding):
 
 def test_kernel_equals_conv2d_on_random_shapes():
     """Random groups (1, 2, 3 or one per input channel), channel counts, kernel sizes (1, 2, 3,
-    5), strides, paddings (0-3), sizes down to the kernel's, batches, sparsities (0 to 1), ReLU
-    and residuals, twice each (a reused output buffer must come back with a zero border), in
-    both layouts."""
+    5), dilations (1-3), strides, paddings (0-3), sizes down to the kernel's extent, batches,
+    sparsities (0 to 1), ReLU and residuals, twice each (a reused output buffer must come back
+    with a zero border), in both layouts."""
     rng = random.Random(0)
     for _ in range(60):
         kh, kw = rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 3, 5])
@@ -105,10 +106,12 @@ def test_kernel_equals_conv2d_on_random_shapes():
         conv = _sparse_conv(cin, groups * rng.randint(1, 4), (kh, kw), rng.choice([1, 2]),
                             (rng.randint(0, 3), rng.randint(0, 3)), rng.random() < 0.5,
                             sparsity=rng.choice([0.0, 0.5, 0.9, 0.99, 1.0]),
-                            seed=rng.randint(0, 999), groups=groups)
+                            seed=rng.randint(0, 999), groups=groups,
+                            dilation=(rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2, 3])))
         blocked = rng.random() < 0.5
+        sh, sw = (d * (k - 1) + 1 for d, k in zip(conv.dilation, (kh, kw)))
         x = torch.randn(rng.choice([1, 2, 3, 16, 17, 33]), conv.in_channels,
-                        rng.randint(kh, 14), rng.randint(kw, 14))
+                        rng.randint(sh, sh + 12), rng.randint(sw, sw + 12))
         ref = conv(x).detach()
         res = torch.randn_like(ref)
         unit = SparseConv2d(conv, relu=True, reuse_output=rng.random() < 0.5)
@@ -120,8 +123,7 @@ def test_kernel_equals_conv2d_on_random_shapes():
 
 
 def test_unsupported_convolutions_are_refused_with_the_reason():
-    for conv, why in [(nn.Conv2d(4, 4, 3, dilation=2), "dilation"),
-                      (nn.Conv2d(4, 4, 3, stride=3), "stride"),
+    for conv, why in [(nn.Conv2d(4, 4, 3, stride=3), "stride"),
                       (nn.Conv2d(4, 4, 3, padding="same"), "padding"),
                       (nn.Conv2d(4, 4, 3).double(), "float32")]:
         assert why in sparse_conv.supported(conv)
@@ -136,16 +138,16 @@ def always_sparse(monkeypatch):
 
 
 class OwnNet(nn.Module):
-    """A user's CNN: functional ReLUs, `torch.relu`, an in-place add, a max-pool, a 5x5 and a
-    depthwise convolution, a 1x1 stride-2 projection and a second output of intermediate
-    features."""
+    """A user's CNN: functional ReLUs, `torch.relu`, an in-place add, a max-pool, a 5x5, a
+    depthwise and a dilated convolution, a 1x1 stride-2 projection and a second output of
+    intermediate features."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
         self.a = nn.Conv2d(16, 16, 5, padding=2)  # wider than the layout's border
         self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)  # depthwise
-        self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False)
         self.bn_b = nn.BatchNorm2d(16)
         self.down = nn.Conv2d(16, 24, 3, stride=2, padding=1)
         self.proj = nn.Conv2d(16, 24, 1, stride=2)

@@ -63,8 +63,6 @@ def supported(conv: nn.Module) -> str | None:
     """None if `conv` can compute with the sparse kernel, else why not."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} (only nn.Conv2d)"
-    if conv.dilation != (1, 1):
-        return f"dilation={conv.dilation} (only 1)"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r} (only numeric zeros)"
     if conv.stride not in ((1, 1), (2, 2)):
@@ -110,6 +108,7 @@ class SparseConv2d(nn.Module):
     _generation = 0  # counts _apply calls: every thread's cached call goes stale
     border = PAD  # of the input the kernel reads (more than PAD for padding beyond PAD)
     groups = 1
+    dilation = (1, 1)
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False, reuse_output: bool = False):
         super().__init__()
@@ -119,6 +118,7 @@ class SparseConv2d(nn.Module):
         w = conv.weight.detach()
         self.out_channels, per_group, self.kh, self.kw = w.shape
         self.in_channels, self.groups = conv.in_channels, conv.groups
+        self.dilation = conv.dilation
         self.stride = conv.stride[0]
         self.padding = conv.padding
         self.relu = relu
@@ -136,8 +136,8 @@ class SparseConv2d(nn.Module):
         self.register_buffer("chan", c)
         # padding beyond the layout's border: the unit widens its input's zero border itself
         self.border = max(PAD, *self.padding)
-        self.register_buffer("dy", ky + self.border - self.padding[0])
-        self.register_buffer("dx", kx + self.border - self.padding[1])
+        self.register_buffer("dy", ky * self.dilation[0] + self.border - self.padding[0])
+        self.register_buffer("dx", kx * self.dilation[1] + self.border - self.padding[1])
         b = torch.zeros(len(w)) if conv.bias is None else conv.bias.detach().float()
         self.register_buffer("bias", b.contiguous())
         self._plans: dict[tuple[int, int, int], tuple] = {}
@@ -146,6 +146,11 @@ class SparseConv2d(nn.Module):
     def sparsity(self) -> float:
         return 1 - self.values.numel() * self.groups / (self.out_channels * self.in_channels
                                                         * self.kh * self.kw)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The kernel's extent in the input (dilation spreads its taps)."""
+        return (self.dilation[0] * (self.kh - 1) + 1, self.dilation[1] * (self.kw - 1) + 1)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: the cached views go stale
         self._plans.clear()
@@ -161,11 +166,11 @@ class SparseConv2d(nn.Module):
                 raise ValueError(f"SparseConv2d expects {self.in_channels} input channels, "
                                  f"got {c}")
             h, w = hp - 2 * self.border, wp - 2 * self.border
-            ho = (h + 2 * self.padding[0] - self.kh) // self.stride + 1
-            wo = (w + 2 * self.padding[1] - self.kw) // self.stride + 1
+            ho = (h + 2 * self.padding[0] - self.span[0]) // self.stride + 1
+            wo = (w + 2 * self.padding[1] - self.span[1]) // self.stride + 1
             if ho < 1 or wo < 1:
-                raise ValueError(f"input of {h}x{w} pixels is smaller than the kernel "
-                                 f"{self.kh}x{self.kw}")
+                raise ValueError(f"input of {h}x{w} pixels (padding {self.padding}) is smaller "
+                                 f"than the kernel's extent {self.span[0]}x{self.span[1]}")
             dy, dx = self.dy.numpy(), self.dx.numpy()
             if self.stride == 1:
                 width, phase, chan = wp, None, self.chan.numpy()
@@ -284,9 +289,8 @@ class SparseConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kh}, {self.kw}), "
-                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
-                f"relu={self.relu}, "
-                f"sparsity={self.sparsity:.3f}")
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, relu={self.relu}, sparsity={self.sparsity:.3f}")
 
 
 def _zeros(shape: tuple[int, ...]) -> torch.Tensor:
