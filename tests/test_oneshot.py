@@ -9,7 +9,7 @@ from mirrorprune.experiments import oneshot
 pytest.importorskip("matplotlib")
 
 
-def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys):
+def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     args = ["oneshot", "--dataset", "digits", "--model", "lenet_300_100", "--methods",
             "dense,pilot,gmp", "--seeds", "2", "--epochs", "2", "--hp", "gmp.target=0.5",
             "--out", str(tmp_path), "--quiet"]
@@ -29,8 +29,13 @@ def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys):
     assert main(args) == 2
     assert "exists: resume it" in capsys.readouterr().err
     before = (tmp_path / "oneshot.csv").read_text()
-    assert main(args + ["--resume"]) == 0  # finished runs are reused, the results are the same
+    config = (tmp_path / "config.json").read_text()
+    # another invocation (its provenance differs) reuses the finished runs: the results are
+    # the same, and so is the record of the invocation that computed them
+    monkeypatch.setattr(oneshot, "provenance", lambda: {"date": "later"})
+    assert main(args + ["--resume"]) == 0
     assert (tmp_path / "oneshot.csv").read_text() == before
+    assert (tmp_path / "config.json").read_text() == config
 
 
 def test_finished_runs_kept_as_results_without_checkpoints(tmp_path, capsys):

@@ -42,6 +42,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1, default=str))
 
 
+def write_results_json(path: str | os.PathLike, obj: dict) -> None:
+    """write_json, except that a file which differs only in its "provenance" stays as it is:
+    resuming a finished experiment keeps the record of the invocation that computed it (and
+    committed results do not churn)."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        old = None
+    new = json.loads(json.dumps(obj, default=str))
+    if not (isinstance(old, dict) and {k: v for k, v in old.items() if k != "provenance"}
+            == {k: v for k, v in new.items() if k != "provenance"}):
+        write_json(path, obj)
+
+
 def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """A CSV with one column per key seen in `rows` (first-seen order)."""
     rows = list(rows)

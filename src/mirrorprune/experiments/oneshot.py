@@ -25,7 +25,7 @@ from ..config import option
 from ..data import ImageData
 from ..distributed import is_main
 from ..errors import UsageError
-from ..files import write_json, write_rows, write_text
+from ..files import write_json, write_results_json, write_rows, write_text
 from ..methods import Method, create_method
 from ..models import create_model
 from ..provenance import provenance
@@ -251,7 +251,7 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     methods = ordered(rows, "method")
     runs = {**(previous or {}).get("methods", {}),
             **{m: {"seeds": cfg.seeds, "hparams": cfg.hparams.get(m, {})} for m in cfg.methods}}
-    write_json(out / "config.json", {
+    write_results_json(out / "config.json", {
         "oneshot": cfg.shared(), "methods": {m: runs[m] for m in methods},
         "preset": {**p, "train": asdict(p["train"])}, "data_dir": cfg.data_dir,
         "train_size": len(tr), "test_size": len(te), "provenance": provenance()})

@@ -21,7 +21,7 @@ from ..config import option
 from ..data import TRAIN_SIZES
 from ..distributed import is_main
 from ..errors import UsageError
-from ..files import write_json, write_rows, write_text
+from ..files import write_results_json, write_rows, write_text
 from ..methods import METHODS, REFERENCE_EPOCH_LR
 from ..provenance import provenance
 from .common import (
@@ -126,10 +126,11 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
     used = {**{k: v for k, v in (previous or {}).get("hparams_used", {}).items()
                if k.split("@")[0] not in cfg.methods}, **used}
     table = markdown(rows, methods)
-    write_json(out / "config.json",
-               {"targets": cfg.shared(), "methods": {m: runs[m] for m in methods},
-                "hparams_used": used, "data_dir": cfg.data_dir, "provenance": provenance(),
-                "train_size": len(tr), "test_size": len(te)})
+    write_results_json(out / "config.json",
+                       {"targets": cfg.shared(), "methods": {m: runs[m] for m in methods},
+                        "hparams_used": used, "data_dir": cfg.data_dir,
+                        "provenance": provenance(), "train_size": len(tr),
+                        "test_size": len(te)})
     write_rows(out / "targets.csv", rows)
     seeds = sorted({runs[m]["seeds"] for m in methods})
     write_text(out / "targets.md", f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "

@@ -25,7 +25,7 @@ from ..ci import mean_ci
 from ..config import option
 from ..distributed import is_main
 from ..errors import UsageError
-from ..files import write_json, write_rows
+from ..files import write_results_json, write_rows
 from ..methods import METHODS
 from ..provenance import provenance
 from .common import VALIDATION, DataConfig, check_parallel, load_data, preset
@@ -130,7 +130,7 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
         table += f"\n(a training option: pass --{key.replace('_', '-')} {best} to oneshot/targets)"
     if is_main():
         write_rows(out / "tune.csv", rows)
-        write_json(out / "tune.json", {
+        write_results_json(out / "tune.json", {
             "tune": asdict(cfg), "method": cfg.method, "key": key, "grid": values,
             "levels": list(cfg.levels), "mean_val_accuracy": scores, "best": best,
             "at_edge": edge,
