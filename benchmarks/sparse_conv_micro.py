@@ -125,10 +125,11 @@ def main() -> None:
         torch.set_num_threads(1)
         cost_model()
         layers(model)
-        other_layers()
         torch.set_num_threads(2)
         sharing(model)
         batch1(model)
+        torch.set_num_threads(1)
+        other_layers()
 
 
 if __name__ == "__main__":
