@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from mirrorprune.allocator import keep_large_blocks
 from mirrorprune.files import write_json, write_text
 from mirrorprune.models import lenet_300_100, mlp, resnet18, resnet20, vgg16_bn
 from mirrorprune.provenance import provenance
-from mirrorprune.sparse import SparseLinear, gather_product
+from mirrorprune.sparse import SparseLinear, gather_product, median_seconds
 from mirrorprune.sparse_conv import SparseConv2d
 
 MODELS = {
@@ -43,28 +41,13 @@ MODELS = {
 
 
 @torch.inference_mode()
-def latency(*fns: Callable, x: torch.Tensor, rounds: int, reps: int) -> tuple[float, ...]:
-    """Median seconds per call of each function, interleaved."""
-    for _ in range(3):
-        for f in fns:
-            f(x)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for f, out in zip(fns, times):
-            t = time.perf_counter()
-            for _ in range(reps):
-                f(x)
-            out.append((time.perf_counter() - t) / reps)
-    return tuple(statistics.median(t) for t in times)
-
-
-def reps_for(model: Callable, x: torch.Tensor) -> int:
-    """Enough calls per timed round for ~20 ms."""
+def latency(*fns: Callable, x: object, rounds: int, reps: int | None = None
+            ) -> tuple[float, ...]:
+    """Median seconds per call f(x) of each function, interleaved (`median_seconds`; reps None:
+    enough calls for ~20 ms a round)."""
+    calls = [functools.partial(f, x) for f in fns]
     with torch.inference_mode():
-        t = time.perf_counter()
-        model(x)
-        dt = time.perf_counter() - t
-    return max(1, min(200, int(0.02 / max(dt, 1e-6))))
+        return median_seconds(*calls, rounds=rounds, reps=reps, round_seconds=0.02, warmup=3)
 
 
 @torch.inference_mode()
@@ -81,8 +64,7 @@ def kernel_table(batches: tuple[int, ...], rounds: int) -> list[dict]:
             by_gather = functools.partial(gather_product, csr)
             for bs in batches:
                 xt = torch.randn(n_in, bs)
-                t_csr, t_gather = latency(by_csr, by_gather, x=xt, rounds=rounds,
-                                          reps=reps_for(by_csr, xt))
+                t_csr, t_gather = latency(by_csr, by_gather, x=xt, rounds=rounds)
                 out.append({"layer": f"{n_out}x{n_in}", "sparsity": s, "batch": bs,
                             "csr_over_gather": t_csr / t_gather})
                 print(f"kernel {n_out}x{n_in} {s:.0%} batch {bs:3d}: CSR / gather "
@@ -161,8 +143,7 @@ def main() -> None:
                 n_sparse = sum(isinstance(m, (mp.SparseLinear, SparseConv2d))
                                for m in sparse.modules())
                 err = (sparse(x) - dense(x)).abs().max().item()
-                td, ts, tf = latency(dense, sparse, fast, x=x, rounds=a.rounds,
-                                     reps=reps_for(dense, x))
+                td, ts, tf = latency(dense, sparse, fast, x=x, rounds=a.rounds)
                 row = {"model": name, "sparsity": s, "threads": threads, "batch": bs,
                        "dense_ms": 1e3 * td, "sparse_ms": 1e3 * ts, "speedup": td / ts,
                        "best_dense_ms": 1e3 * tf, "best_dense_speedup": td / tf,
@@ -182,8 +163,7 @@ def main() -> None:
             sparse = mp.export_sparse(layer_model, min_sparsity=0.0)
             for bs in batches:
                 x = torch.randn(bs, n_in)
-                td, ts = latency(layer_model, sparse, x=x, rounds=a.rounds,
-                                 reps=reps_for(layer_model, x))
+                td, ts = latency(layer_model, sparse, x=x, rounds=a.rounds)
                 cross.append({"layer": f"{n_out}x{n_in}", "sparsity": s, "batch": bs,
                               "speedup": td / ts})
                 print(f"layer {n_out}x{n_in} {s:.0%} batch {bs:3d}: speedup {td / ts:5.2f}x",

@@ -36,7 +36,9 @@ SHAPES = {"resnet20": (3, 32, 32), "lenet_300_100": (1, 28, 28), "vgg16_bn": (3,
 
 
 def _time(fn, rounds: int, min_seconds: float = 0.02) -> float:
-    """Median ms per call over `rounds` rounds of enough calls for ~min_seconds."""
+    """Median ms per call over `rounds` rounds of enough calls for ~min_seconds. Not
+    `mirrorprune.sparse.median_seconds`: this also runs in DeepSparse's venv, which has neither
+    torch nor mirrorprune, and both sides must be timed by the same rule."""
     for _ in range(3):
         fn()
     t = time.perf_counter()

@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -205,6 +207,19 @@ def test_export_sparse_keeps_dense_layers_and_refuses_wrapped():
         mp.export_sparse(mp.PILoT(lenet_300_100(), 1e-4).model)
     with pytest.raises(ValueError, match="min_sparsity"):
         mp.export_sparse(model, 1.5)
+
+
+def test_median_seconds_interleaves_rounds_and_orders_by_time():
+    from mirrorprune.sparse import median_seconds
+
+    calls = []
+    median_seconds(lambda: calls.append("a"), lambda: calls.append("b"), rounds=2, reps=3)
+    assert "".join(calls) == "ab" + ("aaa" + "bbb") * 2  # one warm-up call each, then rounds
+    calls.clear()
+    median_seconds(lambda: calls.append("a"), rounds=1, warmup=0, round_seconds=0.0)
+    assert calls == ["a", "a"]  # the call that sizes the rounds, then one round of one call
+    fast, slow = median_seconds(lambda: time.sleep(1e-3), lambda: time.sleep(4e-3), rounds=3)
+    assert 1e-3 <= fast < slow and slow >= 4e-3
 
 
 def test_export_sparse_with_example_input_times_each_layer():

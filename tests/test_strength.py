@@ -123,7 +123,10 @@ def test_attach_refuses_double_use_and_needs_a_horizon():
     model(XTR[:4]).sum().backward()
     with pytest.raises(UsageError, match=r"needs its horizon.*pilot.attach\(optimizer, horizon"):
         pilot.step()
+    assert not pilot.schedule.ready and pilot.stats()["alpha"] is None
     pilot.attach(opt, horizon=10)
+    assert pilot.schedule.ready and pilot.stats()["alpha"] > 0
+    assert S.Geometric(1e-3, 0.5).ready  # α schedules need nothing more
     with pytest.raises(UsageError, match="already applies PILoT at every optimizer step"):
         pilot.step()
     with pytest.raises(UsageError, match="attached already"):

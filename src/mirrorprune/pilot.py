@@ -207,10 +207,7 @@ class PILoT:
         half_diff = torch.cat([((mw.m.square() - mw.w.square()) / 2).flatten().double()
                                for mw in self.weights])
         c_meas = float(half_diff.median())
-        try:
-            alpha: float | None = self.alpha
-        except UsageError:  # a Strength not yet given its horizon (attach): nothing applied yet
-            alpha = None
+        alpha = self.alpha if self.schedule.ready else None  # None: before attach
         a_meas = (-0.25 * math.log(2 * c_meas / self.beta) if self.beta > 0 and c_meas > 0
                   else None)
         out: dict[str, float | int | None] = {

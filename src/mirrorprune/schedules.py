@@ -50,6 +50,11 @@ class Schedule:
 
     decoupled = False
 
+    @property
+    def ready(self) -> bool:
+        """Whether `alpha(k)` can be computed yet (a strength schedule needs its horizon)."""
+        return True
+
     def alpha(self, k: int) -> float:
         raise NotImplementedError
 
@@ -238,6 +243,10 @@ class _StrengthSchedule(Schedule):
             self.horizon = _check_count(horizon, "horizon", 1)
         if self.lr is None and lr is not None:
             self.lr, self._cum = lr, None
+
+    @property
+    def ready(self) -> bool:
+        return self.horizon is not None
 
     def _profile(self) -> list[float]:
         if self._cum is None:

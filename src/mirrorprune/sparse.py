@@ -402,26 +402,37 @@ def _faster_sparse(layer: nn.Linear, x: torch.Tensor, transposed_output: bool = 
     return sparse if is_faster(lambda: sparse(x), lambda: layer(x)) else None
 
 
-@torch.inference_mode()
-def is_faster(first: Callable[[], object], second: Callable[[], object], rounds: int = 7,
-              round_seconds: float = 2e-3) -> bool:
-    """Whether `first()` takes less time than `second()`: medians over interleaved rounds of
-    at least ~`round_seconds` each (after one warm-up call each: first calls compile or
-    allocate). Rounds of a few calls of a 30 µs layer flipped decisions from run to run."""
-    first()
-    second()
-    t0 = time.perf_counter()
-    first()
-    second()
-    reps = max(1, min(1000, round(round_seconds / max(time.perf_counter() - t0, 1e-7))))
-    t: list[list[float]] = [[], []]
+def median_seconds(*fns: Callable[[], object], rounds: int = 7, round_seconds: float = 2e-3,
+                   reps: int | None = None, warmup: int = 1) -> tuple[float, ...]:
+    """Median seconds per call of each of `fns`, over `rounds` interleaved rounds (so a
+    machine's slow spell hits all of them alike) of `reps` calls each; `reps` None: enough for
+    a round of all of them to take ~`round_seconds`. `warmup` untimed calls each come first
+    (first calls compile or allocate). Rounds of a few calls of a 30 µs layer flipped
+    decisions from run to run: keep rounds ≳ 1 ms."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    if reps is None:
+        t0 = time.perf_counter()
+        for f in fns:
+            f()
+        reps = max(1, min(1000, round(round_seconds / max(time.perf_counter() - t0, 1e-7))))
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
-        for times, f in zip(t, (first, second)):
+        for out, f in zip(times, fns):
             t0 = time.perf_counter()
             for _ in range(reps):
                 f()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(t[0]) < statistics.median(t[1])
+            out.append((time.perf_counter() - t0) / reps)
+    return tuple(statistics.median(t) for t in times)
+
+
+@torch.inference_mode()
+def is_faster(first: Callable[[], object], second: Callable[[], object], rounds: int = 7,
+              round_seconds: float = 2e-3) -> bool:
+    """Whether `first()` takes less time than `second()` (`median_seconds`)."""
+    a, b = median_seconds(first, second, rounds=rounds, round_seconds=round_seconds)
+    return a < b
 
 
 # ---------------------------------------------------------------- compressed checkpoints
