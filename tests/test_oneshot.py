@@ -24,8 +24,11 @@ def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     for f in ("oneshot.png", "oneshot.md", "config.json", "runs/pilot/seed1/log.jsonl",
               "runs/pilot/seed1/sweep.json", "runs/gmp/seed0/checkpoint.pt"):
         assert (tmp_path / f).exists(), f
-    times = (tmp_path / "oneshot.md").read_text().split("Training wall time per run")[1]
+    md = (tmp_path / "oneshot.md").read_text()
+    times = md.split("Training time per run")[1]
     assert all(f"{m} " in times and "2 runs" in times for m in ("dense", "pilot", "gmp"))
+    diffs = md.split("| method − pilot |")[1].split("Training time")[0]
+    assert "| dense |" in diffs and "| gmp |" in diffs and "| pilot |" not in diffs
     assert main(args) == 2
     assert "exists: resume it" in capsys.readouterr().err
     before = (tmp_path / "oneshot.csv").read_text()
@@ -223,3 +226,30 @@ def test_tune_chooses_a_training_option_and_oneshot_takes_it(tmp_path, capsys):
     assert main(["oneshot", "--dataset", "digits", "--weight-decay", "-1", "--out",
                  str(tmp_path / "bad")]) == 2
     assert "--weight-decay must be >= 0" in capsys.readouterr().err
+
+
+def test_paired_differences_pair_seeds_and_mark_sure_ones():
+    from mirrorprune.experiments.common import paired_differences
+
+    acc = {("pilot", 0): 0.80, ("pilot", 1): 0.70, ("pilot", 2): 0.75,
+           ("l1", 0): 0.70, ("l1", 1): 0.60, ("l1", 2): 0.651,  # 10 points behind, each seed
+           ("gmp", 0): 0.90, ("gmp", 1): 0.60}  # +10 and −10: no sign; seed 2 not run
+    rows = [{"method": m, "seed": k, "sparsity": 0.9, "accuracy": a} for (m, k), a in acc.items()]
+    md = paired_differences(rows, ("l1", "pilot", "gmp"), "sparsity", (0.9, 0.95))
+    assert "| method − pilot | 90% | 95% |" in md
+    l1 = next(line for line in md.splitlines() if line.startswith("| l1 |"))
+    assert "**-9.97 ± 0.14**" in l1 and l1.endswith("| – |")  # unpaired cells stay empty
+    gmp = next(line for line in md.splitlines() if line.startswith("| gmp |"))
+    assert "+0.00 ± 127.06" in gmp and "**" not in gmp
+    assert paired_differences(rows, ("pilot",), "sparsity", (0.9,)) == ""
+    # without pilot the first method is the reference
+    assert "| method − l1 |" in paired_differences(rows, ("l1", "gmp"), "sparsity", (0.9,))
+
+
+def test_training_time_leaves_out_a_paused_epoch(tmp_path):
+    from mirrorprune.experiments.common import wall_times
+
+    run = tmp_path / "runs" / "pilot" / "seed0"
+    run.mkdir(parents=True)
+    run.joinpath("log.jsonl").write_text("".join(f'{{"seconds": {s}}}\n' for s in (60, 60, 900)))
+    assert "pilot 3 min (3–3, 1 runs)" in wall_times([run])

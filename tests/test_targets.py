@@ -16,8 +16,9 @@ def test_targets_exports_exactly_each_target(tmp_path, capsys):
     assert len(rows) == 4
     assert all(abs(float(r["actual_sparsity"]) - 0.9) < 1e-4 for r in rows)
     md = (tmp_path / "targets.md").read_text()
-    assert md.count(" ± ") == 3  # header + 2 cells
-    assert "Training wall time per run" in md and "pilot " in md and "2 runs" in md
+    assert md.count(" ± ") == 5  # 2 headers, 2 cells, gmp − pilot
+    assert "| gmp | " in md.split("| method − pilot | 90% |")[1]
+    assert "Training time per run" in md and "pilot " in md and "2 runs" in md
 
 
 def test_targets_sharing_hyperparameters_share_one_run(tmp_path):

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..ci import mean_ci
 from ..config import option
 from ..data import DATASETS, SHAPES, ImageData, load, locate
 from ..distributed import rank_world
@@ -276,21 +277,62 @@ def merge_rows(out: Path, results: str, rows: list[dict], key: str, rerun: Itera
 
 
 def wall_times(run_dirs: Iterable[Path]) -> str:
-    """One line per method: the training wall time of its runs (the sum of the epoch times in
-    each run's log.jsonl, each epoch with its test evaluation), median and range in minutes.
-    `run_dirs`: folders runs/METHOD/seedN. Empty if no run has a log."""
+    """One line per method: the training time of its runs, each the number of its epochs times
+    their median time (each epoch with its test evaluation: a machine paused or shared for a
+    while does not count), median and range in minutes. `run_dirs`: folders
+    runs/METHOD/seedN. Empty if no run has a log."""
     minutes: dict[str, list[float]] = {}
     for d in sorted(run_dirs):
         log = d / "log.jsonl"
         if log.exists():
-            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            minutes.setdefault(d.parent.name, []).append(sum(r["seconds"] for r in rows) / 60)
+            secs = [json.loads(line)["seconds"] for line in log.read_text().splitlines()
+                    if line.strip()]
+            if secs:
+                minutes.setdefault(d.parent.name, []).append(
+                    len(secs) * statistics.median(secs) / 60)
     if not minutes:
         return ""
     parts = [f"{m} {statistics.median(v):.0f} min ({min(v):.0f}–{max(v):.0f}, {len(v)} runs)"
              for m, v in minutes.items()]
-    return ("Training wall time per run (sum of its epochs' times, each with its test "
-            "evaluation; median, range): " + "; ".join(parts) + ".")
+    return ("Training time per run (epochs × median epoch time, each epoch with its test "
+            "evaluation; median and range over runs): " + "; ".join(parts) + ".")
+
+
+def paired_differences(rows: list[dict], methods: tuple[str, ...], level: str,
+                       levels: Iterable[float]) -> str:
+    """Markdown table: each method's test accuracy minus the reference's (pilot where it ran,
+    else the first method) at each of `levels` of the column `level`, paired by seed (a seed
+    fixes the data order for every method), in points, mean ± 95% CI over the seeds both ran;
+    ** marks a CI that excludes 0. Empty with fewer than two methods."""
+    if len(methods) < 2:
+        return ""
+    ref = "pilot" if "pilot" in methods else methods[0]
+    levels = list(levels)
+
+    def acc(m: str, s: float) -> dict[int, float]:
+        return {int(r["seed"]): float(r["accuracy"]) for r in rows
+                if r["method"] == m and abs(float(r[level]) - s) < 1e-9}
+
+    lines = [f"| method − {ref} | " + " | ".join(f"{s:.0%}" for s in levels) + " |",
+             "|" + "---|" * (len(levels) + 1)]
+    for m in methods:
+        if m == ref:
+            continue
+        cells = []
+        for s in levels:
+            a, b = acc(m, s), acc(ref, s)
+            diffs = [100 * (a[k] - b[k]) for k in sorted(a.keys() & b.keys())]
+            if not diffs:
+                cells.append("–")
+                continue
+            mean, half = mean_ci(diffs)
+            sure = not math.isnan(half) and abs(mean) > half
+            cells.append(f"{'**' if sure else ''}{mean:+.2f}"
+                         + ("" if math.isnan(half) else f" ± {half:.2f}")
+                         + ("**" if sure else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return ("Difference to " + ref + " (points), paired by seed, mean ± 95% CI; bold where "
+            "the CI excludes 0.\n\n" + "\n".join(lines))
 
 
 def ordered(rows: list[dict], key: str) -> tuple[str, ...]:

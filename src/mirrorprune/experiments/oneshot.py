@@ -46,6 +46,7 @@ from .common import (
     make_methods,
     merge_rows,
     ordered,
+    paired_differences,
     plot_curves,
     preset,
     previous_config,
@@ -263,8 +264,9 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     plot(summary, methods, title, out / "oneshot.png")
     table = markdown_table(rows, summary, methods)
     times = wall_times(d for m in methods for d in (out / "runs" / m).glob("seed*"))
+    diffs = paired_differences(rows, methods, "sparsity", TABLE)
     write_text(out / "oneshot.md", f"{title}\n\nTest accuracy (%), mean ± 95% CI over seeds.\n\n"
-                                    f"{table}\n\n{times}\n")
+                                    f"{table}\n\n{diffs}\n\n{times}\n")
     return {"table": table, "summary": summary, "seconds": time.time() - t0,
             "files": ["oneshot.csv", "oneshot.png", "oneshot.md", "config.json", "runs/"]}
 

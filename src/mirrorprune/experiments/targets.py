@@ -29,6 +29,7 @@ from .common import (
     load_data,
     merge_rows,
     ordered,
+    paired_differences,
     preset,
     previous_config,
     wall_times,
@@ -139,6 +140,9 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                                     + (", BatchNorm statistics re-estimated after pruning"
                                        if cfg.bn_recalibrate else "")
                                     + f", mean ± 95% CI over seeds.\n\n{table}\n\n"
+                                    + paired_differences(rows, methods, "target",
+                                                         sorted({r["target"] for r in rows}))
+                                    + "\n\n"
                                     + wall_times(d for m in methods for d in
                                                  out.glob(f"target*/runs/{m}/seed*")) + "\n")
     return {"table": table, "rows": rows, "seconds": time.time() - t0,
