@@ -1,6 +1,7 @@
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mirrorprune as mp
+import mirrorprune.reparam
 from conftest import TiedNet, conv_net
 from mirrorprune.reparam import find_mirror_weights
 
@@ -141,15 +143,43 @@ def test_invalid_arguments_name_the_problem(kwargs, match):
     assert not find_mirror_weights(model)  # a refused wrap leaves the model untouched
 
 
-def test_unsupported_layer_types_are_named():
+def test_unsupported_layer_types_are_named(monkeypatch):
+    monkeypatch.setattr(mirrorprune.reparam, "_SHOWN", set())  # messages are shown once
     model = nn.ModuleDict({"rnn": nn.LSTM(3, 4), "att": nn.MultiheadAttention(4, 2),
                            "fc": nn.Linear(4, 2)})
     with pytest.raises(ValueError, match=r"cannot reparametrize: rnn \(LSTM: weight_ih_l0.*"
                        r"att \(MultiheadAttention: in_proj_weight"):
         mp.PILoT(model, 1e-3, include=[nn.LSTM, nn.MultiheadAttention, nn.Linear])
     assert not find_mirror_weights(model)
-    pilot = mp.PILoT(model, 1e-3)  # the default selection takes the Linear layers only
+    with pytest.warns(UserWarning, match=r"3 weight matrices \(160 parameters\) stay dense.*"
+                      r"rnn.weight_ih_l0 \(LSTM, 48\), rnn.weight_hh_l0 \(LSTM, 64\), "
+                      r"att.in_proj_weight \(MultiheadAttention, 48\)\. include"):
+        pilot = mp.PILoT(model, 1e-3)  # the default selection takes the Linear layers only
     assert [mw.name for mw in pilot.weights] == ["att.out_proj.weight", "fc.weight"]
+
+
+def test_the_default_selection_says_once_which_matrices_it_leaves_dense(monkeypatch):
+    monkeypatch.setattr(mirrorprune.reparam, "_SHOWN", set())
+
+    class Custom(nn.Module):  # a layer of the user's own: its `weight` is a Parameter
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 6))
+
+    model = nn.ModuleDict({"emb": nn.Embedding(9, 6), "mine": Custom(), "up":
+                           nn.ConvTranspose2d(2, 3, 2), "fc": nn.Linear(6, 2)})
+    with pytest.warns(UserWarning) as seen:
+        mp.prune(copy.deepcopy(model), 0.5)
+        mp.prune(copy.deepcopy(model), 0.5)  # the same message: shown once
+    assert len(seen) == 1
+    msg = str(seen[0].message)
+    assert "2 weight matrices (54 parameters)" in msg and "mine.weight (Custom, 30)" in msg
+    assert "up.weight (ConvTranspose2d, 24)" in msg and "emb" not in msg  # embeddings: by design
+    monkeypatch.setattr(mirrorprune.reparam, "_SHOWN", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        mp.prune(copy.deepcopy(model), 0.5, exclude=["mine", "up"])
+        mp.prune(copy.deepcopy(model), 0.5, include=[nn.Linear, Custom])
 
 
 def test_model_without_prunable_weights_and_double_wrap():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -161,6 +162,8 @@ def select_modules(
             "whose weight is a Parameter named `weight` (nn.Linear, nn.Conv*, nn.Embedding, "
             "...); leave these out of include, or exclude them")
     chosen = prunable
+    if include is None and chosen:
+        _warn_left_dense(named, chosen, excl)
     if not chosen:
         raise UsageError(
             "include/exclude select no prunable weight (a module with a `weight` parameter; "
@@ -168,6 +171,36 @@ def select_modules(
             f"name globs; {_names_hint(named)}"
         )
     return chosen
+
+
+_SHOWN: set[str] = set()
+
+
+def _warn_left_dense(named: list[tuple[str, nn.Module]], chosen: list[tuple[str, nn.Module]],
+                     excl: tuple) -> None:
+    """Say which matrices the default selection leaves dense without being asked to: those
+    of other module types (a custom or transposed layer: include=[...] takes them) and
+    those not named `weight`, which cannot be reparametrized (MultiheadAttention's
+    in_proj_weight, RNN weights). Embeddings are left out by design (SPEC §2.1)."""
+    taken = {id(sub) for _, mod in chosen for sub in mod.modules()}  # a parametrization's too
+    left = [(f"{n}.{pn}" if n else pn, type(mod).__name__, p.numel())
+            for n, mod in named
+            if id(mod) not in taken and not any(_matches(mod, n, e) for e in excl)
+            and not isinstance(mod, (nn.Embedding, nn.EmbeddingBag))
+            for pn, p in mod._parameters.items() if p is not None and p.dim() >= 2]
+    if left:
+        total = sum(k for *_, k in left)
+        shown = ", ".join(f"{q} ({t}, {k:,})" for q, t, k in left[:5])
+        message = (
+            f"{len(left)} weight {'matrix' if len(left) == 1 else 'matrices'} ({total:,} "
+            f"parameters) stay{'s' if len(left) == 1 else ''} dense, outside the default "
+            f"selection (nn.Linear and nn.Conv1d/2d/3d): {shown}{' ...' if len(left) > 5 else ''}"
+            ". include=[...] adds other module types whose weight is a Parameter named `weight`; "
+            "parameters under other names (MultiheadAttention's in_proj_weight, RNN weights) "
+            "cannot be reparametrized. exclude=[...] silences this for the modules named")
+        if message not in _SHOWN:  # once: wrapping, pruning and export all select
+            _SHOWN.add(message)
+            warnings.warn(message, stacklevel=3)
 
 
 def _weight_manager(mod: nn.Module) -> str | None:
