@@ -343,6 +343,10 @@ def _legacy_file(model, path):
 
 
 def test_bad_sparse_files_get_one_sentence(tmp_path):
+    with pytest.raises(ValueError, match=r"load_sparse\(path, model=None\) takes the file first"):
+        mp.load_sparse(nn.Linear(2, 2), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"save_sparse\(model, path\) takes the model"):
+        mp.save_sparse(tmp_path / "m.safetensors", nn.Linear(2, 2))
     pytest.importorskip("safetensors")
     import safetensors.torch
 

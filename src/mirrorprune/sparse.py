@@ -526,6 +526,9 @@ def save_sparse(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathL
     float tensor that a bitmask makes smaller is stored as that bitmask and its non-zero values;
     returns the file size in bytes. The write is atomic (a temporary file, renamed at the end,
     removed if the write fails). Exported (CSR) layers are stored as dense tensors with zeros."""
+    if not isinstance(model, (nn.Module, dict)):
+        raise UsageError(f"save_sparse(model, path) takes the model or a state dict first, got "
+                         f"a {type(model).__name__}")
     if isinstance(model, nn.Module) and find_mirror_weights(model):
         raise UsageError("save_sparse needs a plain model; call finalize() first")
     state = model.state_dict() if isinstance(model, nn.Module) else model
@@ -552,6 +555,9 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None
     Never runs code from the file. Anything that is not an intact sparse file (missing, empty,
     truncated, changed, random, foreign, or another architecture's weights for `model`) raises
     a `SparseFileError` (a ValueError) saying so in one sentence."""
+    if isinstance(path, nn.Module) or not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"load_sparse(path, model=None) takes the file first, got a "
+                         f"{type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise SparseFileError(f"{path} does not exist (or is not a file)")
