@@ -252,4 +252,4 @@ def test_training_time_leaves_out_a_paused_epoch(tmp_path):
     run = tmp_path / "runs" / "pilot" / "seed0"
     run.mkdir(parents=True)
     run.joinpath("log.jsonl").write_text("".join(f'{{"seconds": {s}}}\n' for s in (60, 60, 900)))
-    assert "pilot 3 min (3–3, 1 runs)" in wall_times([run])
+    assert "pilot 3.0 min (3.0–3.0, 1 runs)" in wall_times([run])

@@ -292,7 +292,10 @@ def wall_times(run_dirs: Iterable[Path]) -> str:
                     len(secs) * statistics.median(secs) / 60)
     if not minutes:
         return ""
-    parts = [f"{m} {statistics.median(v):.0f} min ({min(v):.0f}–{max(v):.0f}, {len(v)} runs)"
+    def fmt(v: float) -> str:
+        return f"{v:.1f}" if v < 10 else f"{v:.0f}"
+
+    parts = [f"{m} {fmt(statistics.median(v))} min ({fmt(min(v))}–{fmt(max(v))}, {len(v)} runs)"
              for m, v in minutes.items()]
     return ("Training time per run (epochs × median epoch time, each epoch with its test "
             "evaluation; median and range over runs): " + "; ".join(parts) + ".")
