@@ -113,9 +113,18 @@ def test_folders_of_the_first_release_can_be_extended(tmp_path):
     old = Path(__file__).resolve().parent / "data" / "oneshot-config-release-0.1.json"
     (tmp_path / "config.json").write_text(old.read_text())
     cfg = oneshot.OneshotConfig(dataset="mnist", model="lenet_300_100", epochs=None)
-    prev = previous_config(tmp_path, "oneshot.csv", cfg.shared(), "oneshot")
+    prev = previous_config(tmp_path, "oneshot.csv", cfg, "oneshot")
     assert prev["methods"]["pilot"] == {"seeds": 3, "hparams": {}}
     assert list(prev["methods"]) == json.loads(old.read_text())["oneshot"]["methods"]
+    # settings added since (recorded by none of its versions) had their defaults then
+    saved = json.loads(old.read_text())
+    for k in ("bn_recalibrate", "precision", "channels_last", "compile", "weight_decay"):
+        saved["oneshot"].pop(k, None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert previous_config(tmp_path, "oneshot.csv", cfg, "oneshot") is not None
+    recal = oneshot.OneshotConfig(dataset="mnist", model="lenet_300_100", bn_recalibrate=True)
+    with pytest.raises(ValueError, match="bn_recalibrate: False there, True now"):
+        previous_config(tmp_path, "oneshot.csv", recal, "oneshot")
 
 
 def test_cpu_full_preset_trains_without_the_validation_split(monkeypatch):

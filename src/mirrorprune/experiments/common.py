@@ -234,12 +234,12 @@ def make_methods(names: Iterable[str], hparams: dict[str, dict[str, Any]],
     return {m: create_method(m, exclude=exclude, **hparams.get(m, {})) for m in names}
 
 
-def previous_config(out: Path, results: str, shared: dict[str, Any], what: str
+def previous_config(out: Path, results: str, cfg: MethodsConfig, what: str
                     ) -> dict[str, Any] | None:
     """The config.json of an earlier invocation into `out` (None if there was none), with
     "methods": {name: {"seeds", "hparams", ...}}. Its shared settings (under `what`) must equal
-    `shared`: results of other settings are never mixed into one table (UsageError listing the
-    differences)."""
+    `cfg.shared()`: results of other settings are never mixed into one table (UsageError listing
+    the differences). A setting the earlier version did not record yet had its default."""
     path = out / "config.json"
     if not path.exists():
         if (out / results).exists():
@@ -251,7 +251,12 @@ def previous_config(out: Path, results: str, shared: dict[str, Any], what: str
         saved = prev[what]
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{path} is unreadable; use another output folder") from None
-    now = json.loads(json.dumps(shared, default=str))
+    now = json.loads(json.dumps(cfg.shared(), default=str))
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for k in now.keys() - saved.keys():
+        f = fields.get(k)
+        if f is not None and f.default is not dataclasses.MISSING:
+            saved[k] = json.loads(json.dumps(f.default, default=str))
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if diff:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())

@@ -235,7 +235,7 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     cfg.validate()
     t0 = time.time()
     out = Path(out)
-    previous = previous_config(out, "oneshot.csv", cfg.shared(), "oneshot")
+    previous = previous_config(out, "oneshot.csv", cfg, "oneshot")
     check_runs(cfg, out, resume)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)  # first: the workers find it decoded

@@ -84,7 +84,7 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
     cfg.validate()
     t0 = time.time()
     out = Path(out)
-    previous = previous_config(out, "targets.csv", cfg.shared(), "targets")
+    previous = previous_config(out, "targets.csv", cfg, "targets")
     p = preset(cfg.preset, cfg.dataset, cfg.model)
 
     def checked_plan(n_train: int) -> dict[tuple[str, str], list[float]]:
