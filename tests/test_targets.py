@@ -86,3 +86,44 @@ def test_targets_in_parallel_with_speed_options_equal_sequential_runs(tmp_path):
     run = json.loads((tmp_path / "par" / "target0.9" / "runs" / "gmp" / "seed0" /
                       "config.json").read_text())
     assert run["precision"] == "bf16"  # the speed options reach every target's runs
+
+
+def test_tune_chooses_per_level_and_targets_aims_by_it(tmp_path, capsys):
+    """tune records, per level, the value best on validation there (among those whose own
+    model reaches the level exactly); targets --aim-from trains each target with it."""
+    import json
+
+    from mirrorprune.experiments.tune import per_level
+
+    rows = [{"s": s, "sparsity": lv, "actual_sparsity": act, "val_accuracy": acc}
+            for s, lv, act, acc in [(-3, 0.9, 0.9, 0.80), (-2, 0.9, 0.96, 0.85),  # overshoots
+                                    (-3, 0.98, 0.98, 0.30), (-2, 0.98, 0.98, 0.70),
+                                    (-3, 0.99, 0.995, 0.2), (-2, 0.99, 0.996, 0.1)]]
+    at, best = per_level(rows, "s", [-3, -2], (0.9, 0.98, 0.99))
+    assert best == {"0.9": -3, "0.98": -2, "0.99": -3}  # 0.99: nobody exact, best of all
+    assert at["0.9"] == {"-3": 0.80, "-2": 0.85}
+
+    tuned = tmp_path / "tune"
+    assert main(["tune", "--dataset", "digits", "--method", "spred", "--grid",
+                 "alpha=1e-4,3e-3", "--levels", "0.8,0.9", "--epochs", "1", "--quiet",
+                 "--out", str(tuned)]) == 0
+    blob = json.loads((tuned / "tune.json").read_text())
+    assert set(blob["best_at_level"]) == {"0.8", "0.9"}
+    out = tmp_path / "targets"
+    base = ["targets", "--dataset", "digits", "--methods", "spred,gmp", "--epochs", "1",
+            "--quiet", "--aim-from", str(tuned / "tune.json"), "--out", str(out)]
+    assert main([*base, "--sparsities", "0.8,0.95"]) == 2
+    assert "spred was tuned at the levels 0.8, 0.9, not at [0.95]" in capsys.readouterr().err
+    assert main([*base, "--sparsities", "0.8,0.9"]) == 0
+    used = json.loads((out / "config.json").read_text())["hparams_used"]
+    for t in ("0.8", "0.9"):
+        assert used[f"spred@{t}"] == {"alpha": blob["best_at_level"][t]}
+        assert used[f"gmp@{t}"] == {"target": float(t)}  # not tuned: its own aim
+    assert main([*base[:-2], "--hp", "spred.alpha=5e-4", "--sparsities", "0.8", "--out",
+                 str(tmp_path / "hp")]) == 0  # --hp wins
+    used = json.loads((tmp_path / "hp" / "config.json").read_text())["hparams_used"]
+    assert used["spred@0.8"] == {"alpha": 5e-4}
+    blob.pop("best_at_level")  # a tune.json from before the per-level choice
+    (tuned / "tune.json").write_text(json.dumps(blob))
+    assert main([*base, "--sparsities", "0.8", "--out", str(tmp_path / "old")]) == 2
+    assert "holds no per-level choice" in capsys.readouterr().err

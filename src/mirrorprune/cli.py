@@ -75,12 +75,15 @@ def _compare(args: argparse.Namespace) -> int:
                    "targets": (targets, targets.TargetsConfig),
                    "tune": (tune, tune.TuneConfig)}[args.command]
     hp = _parse_hparams(args.hp)
-    if getattr(args, "hp_from", None):  # tuned values first, explicit --hp over them
-        methods = tuple((args.methods or ",".join(cls().methods)).split(","))
-        tuned = tune.hparams_from(args.hp_from, args.dataset or cls().dataset,
-                                  args.model or cls().model, methods)
+    extra: dict = {}
+    if getattr(args, "hp_from", None) or getattr(args, "aim_from", None):
+        on = (args.dataset or cls().dataset, args.model or cls().model,
+              tuple((args.methods or ",".join(cls().methods)).split(",")))
+        tuned = tune.hparams_from(args.hp_from, *on)  # explicit --hp wins over them
         hp = {m: {**tuned.get(m, {}), **hp.get(m, {})} for m in {*tuned, *hp}}
-    cfg = from_args(cls, args, hparams=hp)
+        if getattr(args, "aim_from", None):
+            extra["aims"] = tune.aims_from(args.aim_from, *on)
+    cfg = from_args(cls, args, hparams=hp, **extra)
     res = module.run(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(res["table"])
     print(f"wrote {args.out}/: {', '.join(res['files'])} ({res['seconds']:.0f} s)")
@@ -173,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--hp-from", action="append", default=[], metavar="TUNE.JSON",
                            help="the values chosen by `mirrorprune tune` (repeatable; --hp "
                            "wins over them)")
+        if name == "targets":
+            c.add_argument("--aim-from", action="append", default=[], metavar="TUNE.JSON",
+                           help="aim the method of a `mirrorprune tune` at each target by the "
+                           "value best on validation at that sparsity (its --levels must "
+                           "include the targets; repeatable; --hp wins over it)")
         c.add_argument("--quiet", action="store_true", help="no progress bars")
         c.set_defaults(func=func)
 

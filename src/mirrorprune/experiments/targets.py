@@ -3,8 +3,9 @@ exported at exactly that sparsity (global magnitude pruning), and evaluated.
 
 Each method says how it is aimed at a target (`Method.aim`): pilot by the target controller,
 gmp by the end of its ramp, spred and str by values chosen per target on a validation split
-(their classes say which); the others are trained as they are and pruned to the target.
-Any method's values can be overridden with --hp.
+(their classes say which: MNIST's); the others are trained as they are and pruned to the target.
+`--aim-from tune.json` aims a method instead by the value `mirrorprune tune` found best on
+validation at each target, on the data and model at hand; --hp overrides both.
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ def aim(method: str, target: float, epoch_lr: float = REFERENCE_EPOCH_LR) -> dic
 
 @dataclass
 class TargetsConfig(MethodsConfig):
-    per_method: ClassVar[tuple[str, ...]] = ("sparsities",)
+    per_method: ClassVar[tuple[str, ...]] = ("sparsities", "aims")
 
     methods: tuple[str, ...] = option(("pilot", "spred", "str", "gmp"),
                                       f"comma-separated, from: {','.join(METHODS)}")
     sparsities: tuple[float, ...] = option((0.8, 0.9, 0.95, 0.98),
                                            "target sparsities, comma-separated")
+    aims: dict[str, dict[str, dict[str, Any]]] = option(
+        {}, "{method: {target: hyperparameters}} that aim a method at each target instead of "
+        "its own `aim` (--aim-from: the values `tune` found best on validation there)",
+        cli=False)
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +63,14 @@ class TargetsConfig(MethodsConfig):
             raise UsageError(f"sparsities must lie in (0, 1), got {self.sparsities}")
         if len(set(self.sparsities)) < len(self.sparsities):
             raise UsageError(f"--sparsities names a target more than once: {self.sparsities}")
+        for m, per_target in self.aims.items():
+            if m not in self.methods:
+                raise UsageError(f"--aim-from aims {m}, which --methods does not name")
+            missing = [t for t in self.sparsities if f"{t:g}" not in per_target]
+            if missing:
+                raise UsageError(f"--aim-from: {m} was tuned at the levels "
+                                 f"{', '.join(per_target)}, not at {missing}; tune it with "
+                                 "--levels that include every target")
 
 
 def plan(cfg: TargetsConfig, epoch_lr: float) -> dict[tuple[str, str], list[float]]:
@@ -67,7 +80,8 @@ def plan(cfg: TargetsConfig, epoch_lr: float) -> dict[tuple[str, str], list[floa
     groups: dict[tuple[str, str], list[float]] = {}
     for target in cfg.sparsities:
         for m in cfg.methods:
-            hp = {**aim(m, target, epoch_lr), **cfg.hparams.get(m, {})}
+            hp = {**aim(m, target, epoch_lr), **cfg.aims.get(m, {}).get(f"{target:g}", {}),
+                  **cfg.hparams.get(m, {})}
             groups.setdefault((m, json.dumps(hp, sort_keys=True)), []).append(target)
     return groups
 

@@ -5,7 +5,8 @@ seed) on the training set minus a fixed validation split (its last `val_fraction
 trained model to every level in `levels` (global magnitude, no fine-tuning) and picks the value
 with the best mean validation accuracy over the levels and seeds. It writes `tune.csv` (one row
 per value, seed and level) and `tune.json` (the grid, the mean per value, the choice, and
-"hparams": {method: {key: value, ...}} that `oneshot`/`targets --hp-from tune.json` read).
+"hparams": {method: {key: value, ...}} that `oneshot`/`targets --hp-from tune.json` read; and
+per level the value best there, which `targets --aim-from tune.json` aims each target with).
 Runs live in OUT/KEY=VALUE/runs/METHOD/seedN and resume like oneshot's. KEY may also be a
 training option shared by every method (`weight_decay`, with `--method dense --levels 0` the
 dense recipe): its choice is in tune.json's "training" and goes to oneshot/targets as
@@ -121,6 +122,7 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     scores = {repr(v): mean_ci([r["val_accuracy"] for r in rows if r[key] == v])[0]
               for v in values}
     best = max(values, key=lambda v: scores[repr(v)])  # ties: the first in the grid
+    at_level, best_at = per_level(rows, key, values, cfg.levels)
     table = "\n".join(f"{key}={v}: mean validation accuracy {100 * scores[repr(v)]:.2f}%"
                       + (" <- best" if v == best else "") for v in values)
     edge = grid_edge(key, values, best)
@@ -133,7 +135,7 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
         write_results_json(out / "tune.json", {
             "tune": asdict(cfg), "method": cfg.method, "key": key, "grid": values,
             "levels": list(cfg.levels), "mean_val_accuracy": scores, "best": best,
-            "at_edge": edge,
+            "at_edge": edge, "val_accuracy_at_level": at_level, "best_at_level": best_at,
             "hparams": {cfg.method: {**cfg.hparams.get(cfg.method, {}),
                                      **({} if key in TRAINING_KEYS else {key: best})}},
             "training": {key: best} if key in TRAINING_KEYS else {},
@@ -147,6 +149,46 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
             "train_size": len(tr), "val_size": len(val), "provenance": provenance()})
     return {"table": table, "rows": rows, "best": best, "seconds": time.time() - t0,
             "files": ["tune.csv", "tune.json", f"{key}=*/runs/"]}
+
+
+def per_level(rows: list[dict], key: str, values: list, levels: tuple[float, ...]
+              ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """({level: {repr(value): mean validation accuracy there}}, {level: the value best there})
+    — the choice that aims a method at one fixed target (`targets --aim-from`). A value whose
+    own model is sparser than a level (STR, GMP) was validated at its own sparsity, not at
+    the level: it is chosen there only if no value reaches the level exactly."""
+    at_level: dict[str, dict[str, float]] = {}
+    best_at: dict[str, Any] = {}
+    for level in levels:
+        def here(v: Any, level: float = level) -> list[dict]:
+            return [r for r in rows if r[key] == v and abs(r["sparsity"] - level) < 1e-9]
+
+        at_level[f"{level:g}"] = {repr(v): mean_ci([r["val_accuracy"] for r in here(v)])[0]
+                                  for v in values}
+        exact = [v for v in values
+                 if all(abs(r["actual_sparsity"] - level) < 1e-3 for r in here(v))]
+        best_at[f"{level:g}"] = max(exact or values,
+                                    key=lambda v: at_level[f"{level:g}"][repr(v)])
+    return at_level, best_at
+
+
+def aims_from(paths: list[str], dataset: str, model: str, methods: tuple[str, ...]
+              ) -> dict[str, dict[str, dict[str, Any]]]:
+    """{method: {level: {key: value}}} from `tune.json` files (made on the same dataset and
+    model): the value best on validation at each of the tune's levels, for `targets
+    --aim-from`; later files win."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for path, blob in _tune_files(paths, dataset, model, "--aim-from"):
+        if blob["method"] not in methods:
+            continue
+        if "best_at_level" not in blob or blob["key"] in TRAINING_KEYS:
+            raise UsageError(f"--aim-from {path} holds no per-level choice of a method "
+                             "hyperparameter (written before it was recorded, or it tuned a "
+                             "training option): rerun that tune with --resume")
+        fixed = blob["tune"].get("hparams", {}).get(blob["method"], {})
+        out[blob["method"]] = {lv: {**fixed, blob["key"]: v}
+                               for lv, v in blob["best_at_level"].items()}
+    return out
 
 
 def grid_edge(key: str, values: list, best: Any) -> str | None:
@@ -169,23 +211,33 @@ def grid_edge(key: str, values: list, best: Any) -> str | None:
             f"extend the grid (e.g. add {key}={beyond:.4g}) and tune again with --resume")
 
 
+def _tune_files(paths: list[str], dataset: str, model: str, flag: str
+                ) -> list[tuple[str, dict]]:
+    """(path, content) of each tune.json, checked to be one made on `dataset` / `model`."""
+    out = []
+    for path in paths:
+        try:
+            blob = json.loads(Path(path).read_text())
+            made = blob["tune"]
+            blob["hparams"], blob["method"], blob["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"{flag} {path}: not a tune.json written by mirrorprune tune"
+                             ) from None
+        if (made.get("dataset"), made.get("model")) != (dataset, model):
+            raise UsageError(f"{flag} {path} was tuned on {made.get('dataset')} / "
+                             f"{made.get('model')}, not on {dataset} / {model}; tune on the "
+                             "data and model you run")
+        out.append((path, blob))
+    return out
+
+
 def hparams_from(paths: list[str], dataset: str, model: str, methods: tuple[str, ...]
                  ) -> dict[str, dict[str, Any]]:
     """The chosen hyperparameters of `tune.json` files (made on the same dataset and model),
     for the methods in `methods`; later files win."""
     out: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        try:
-            blob = json.loads(Path(path).read_text())
-            made, chosen = blob["tune"], blob["hparams"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UsageError(f"--hp-from {path}: not a tune.json written by mirrorprune tune"
-                             ) from None
-        if (made.get("dataset"), made.get("model")) != (dataset, model):
-            raise UsageError(f"--hp-from {path} was tuned on {made.get('dataset')} / "
-                             f"{made.get('model')}, not on {dataset} / {model}; tune on the "
-                             "data and model you run")
-        for m, hp in chosen.items():
+    for _, blob in _tune_files(paths, dataset, model, "--hp-from"):
+        for m, hp in blob["hparams"].items():
             if m in methods:
                 out[m] = {**out.get(m, {}), **hp}
     return out
