@@ -10,8 +10,9 @@
 # STR's first grid, -4,-3,-2,-1.5, was coarser than the others around its best, -2, so it
 # got the MNIST grid's -2.5 and -1.75; GMP's best target, 0.98, was the grid's largest, so
 # 0.992 was added),
-# then the fixed targets 90/95/98% (pilot aimed by its target controller, gmp by its ramp,
-# spred and str by their aim tables: `Method.aim`) at 2 seeds under the same budget.
+# then the fixed targets 90/95/98% at 2 seeds under the same budget: pilot aimed by its target
+# controller, gmp by its ramp, spred and str by the grid value their tune found best on
+# validation at each target (--aim-from; their built-in aim tables are MNIST's).
 # About 30 hours of this 2-core machine (~45-80 min per 45-epoch run, two at a time);
 # resumable (rerun to continue), so it spans sessions.
 #
@@ -34,4 +35,6 @@ bash benchmarks/tune_oneshot.sh "${1:-results/oneshot-cifar10-full}"
 ${MIRRORPRUNE:-.venv/bin/mirrorprune} targets --dataset cifar10 --model resnet20 \
   --preset cpu-full --resume --quiet --sparsities 0.9,0.95,0.98 --methods pilot,gmp,str,spred \
   --seeds "$SEEDS" --parallel "${PARALLEL:-2}" --out "${2:-results/targets-cifar10-full}" \
+  --aim-from "${1:-results/oneshot-cifar10-full}/tune/spred/tune.json" \
+  --aim-from "${1:-results/oneshot-cifar10-full}/tune/str/tune.json" \
   ${EXTRA:-}
