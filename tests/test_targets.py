@@ -123,6 +123,12 @@ def test_tune_chooses_per_level_and_targets_aims_by_it(tmp_path, capsys):
                  str(tmp_path / "hp")]) == 0  # --hp wins
     used = json.loads((tmp_path / "hp" / "config.json").read_text())["hparams_used"]
     assert used["spred@0.8"] == {"alpha": 5e-4}
+    assert main([*base, "--sparsities", "0.8", "--dataset", "mnist"]) == 2  # argparse: last wins
+    assert "--aim-from " in (err := capsys.readouterr().err) and "was tuned on digits" in err
+    (tmp_path / "junk.json").write_text("{}")
+    assert main([*base[:-2], "--hp-from", str(tmp_path / "junk.json"), "--out",
+                 str(tmp_path / "junk")]) == 2
+    assert "--hp-from " in (err := capsys.readouterr().err) and "not a tune.json" in err
     blob.pop("best_at_level")  # a tune.json from before the per-level choice
     (tuned / "tune.json").write_text(json.dumps(blob))
     assert main([*base, "--sparsities", "0.8", "--out", str(tmp_path / "old")]) == 2
