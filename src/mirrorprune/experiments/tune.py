@@ -219,7 +219,7 @@ def _tune_files(paths: list[str], dataset: str, model: str, flag: str
         try:
             blob = json.loads(Path(path).read_text())
             made = blob["tune"]
-            blob["hparams"], blob["method"], blob["key"]
+            _ = blob["hparams"], blob["method"], blob["key"]  # a KeyError: not a tune.json
         except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"{flag} {path}: not a tune.json written by mirrorprune tune"
                              ) from None
