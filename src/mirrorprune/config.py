@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import numbers
 import typing
 from typing import Any
@@ -60,6 +61,18 @@ def default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory()  # type: ignore[misc]
+
+
+def with_defaults(recorded: dict[str, Any], cls: type) -> dict[str, Any]:
+    """A configuration as recorded in JSON, with each field of the dataclass `cls` that it
+    lacks at its default (as JSON): a setting added after the record was written, at its
+    default, changes nothing."""
+    out = dict(recorded)
+    for f in dataclasses.fields(cls):
+        if f.name not in out and (f.default is not dataclasses.MISSING
+                                  or f.default_factory is not dataclasses.MISSING):
+            out[f.name] = json.loads(json.dumps(default_of(f), default=str))
+    return out
 
 
 def kind_text(cls: type, f: dataclasses.Field) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .callbacks import Callback
+from .config import with_defaults
 from .data import ImageData
 from .distributed import (
     all_finite,
@@ -394,11 +395,8 @@ def run_config(cfg: TrainConfig, method: Method, lr_scale: float, dataset: str,
 def _config_diff(saved: dict, config: dict, method: Method) -> str:
     """The differences between a recorded run configuration and `config`, listed ("" if
     none); keys whose value is None in `config` are not compared (unknown yet)."""
-    saved = json.loads(json.dumps(saved, default=str))
+    saved = with_defaults(json.loads(json.dumps(saved, default=str)), TrainConfig)
     now = json.loads(json.dumps(config, default=str))
-    # a training option added later, at its default, changes nothing
-    for k, v in json.loads(json.dumps(asdict(TrainConfig()), default=str)).items():
-        saved.setdefault(k, v)
     # a hyperparameter added to the method later, at its default, changes nothing
     saved["hparams"] = {**json.loads(json.dumps(method.defaults, default=str)),
                         **saved.get("hparams", {})}

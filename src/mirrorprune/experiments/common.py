@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..ci import mean_ci
-from ..config import option
+from ..config import option, with_defaults
 from ..data import DATASETS, SHAPES, ImageData, load, locate
 from ..distributed import rank_world
 from ..errors import UsageError
@@ -252,11 +252,7 @@ def previous_config(out: Path, results: str, cfg: MethodsConfig, what: str
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{path} is unreadable; use another output folder") from None
     now = json.loads(json.dumps(cfg.shared(), default=str))
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for k in now.keys() - saved.keys():
-        f = fields.get(k)
-        if f is not None and f.default is not dataclasses.MISSING:
-            saved[k] = json.loads(json.dumps(f.default, default=str))
+    saved = with_defaults(saved, type(cfg))
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if diff:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
