@@ -22,3 +22,10 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
     return mean, t * sd / math.sqrt(n)
+
+
+def show(mean: float, half: float, scale: float = 100, sign: bool = False) -> str:
+    """"mean ± half" scaled (default: fractions as %), 2 decimals, "+" first with `sign`; the
+    half-width is left out when it is nan (one value)."""
+    text = f"{scale * mean:{'+' if sign else ''}.2f}"
+    return text if math.isnan(half) else f"{text} ± {scale * half:.2f}"

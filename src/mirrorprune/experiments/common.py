@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..ci import mean_ci
+from ..ci import mean_ci, show
 from ..config import option, with_defaults
 from ..data import DATASETS, SHAPES, ImageData, load, locate
 from ..distributed import rank_world
@@ -325,15 +325,13 @@ def paired_differences(rows: list[dict], methods: tuple[str, ...], level: str,
         cells = []
         for s in levels:
             a, b = acc(m, s), acc(ref, s)
-            diffs = [100 * (a[k] - b[k]) for k in sorted(a.keys() & b.keys())]
+            diffs = [a[k] - b[k] for k in sorted(a.keys() & b.keys())]
             if not diffs:
                 cells.append("–")
                 continue
             mean, half = mean_ci(diffs)
-            sure = not math.isnan(half) and abs(mean) > half
-            cells.append(f"{'**' if sure else ''}{mean:+.2f}"
-                         + ("" if math.isnan(half) else f" ± {half:.2f}")
-                         + ("**" if sure else ""))
+            bold = "**" if not math.isnan(half) and abs(mean) > half else ""
+            cells.append(f"{bold}{show(mean, half, sign=True)}{bold}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return ("Difference to " + ref + " (points), paired by seed, mean ± 95% CI; bold where "
             "the CI excludes 0.\n\n" + "\n".join(lines))

@@ -10,7 +10,6 @@ the paper.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..allocator import keep_large_blocks
-from ..ci import mean_ci
+from ..ci import mean_ci, show
 from ..config import option
 from ..data import ImageData
 from ..distributed import is_main
@@ -190,17 +189,14 @@ def markdown_table(rows: list[dict], summary: list[dict], methods: tuple[str, ..
                  None)
         if r is None:
             return "–"
-        ci = "" if math.isnan(r["ci95"]) else f" ± {100 * r['ci95']:.2f}"
-        return f"{100 * r['accuracy']:.2f}{ci}"
+        return show(r["accuracy"], r["ci95"])
 
     head = "| method | unpruned | " + " | ".join(f"{s:.0%}" for s in TABLE) + " |"
     lines = [head, "|" + "---|" * (len(TABLE) + 2)]
     for m in methods:
         un = [r["unpruned_accuracy"] for r in rows
               if r["method"] == m and r["sparsity"] == TABLE[0]]
-        mean, half = mean_ci(un)
-        ci = "" if math.isnan(half) else f" ± {100 * half:.2f}"
-        lines.append(f"| {m} | {100 * mean:.2f}{ci} | "
+        lines.append(f"| {m} | {show(*mean_ci(un))} | "
                      + " | ".join(cell(m, s) for s in TABLE) + " |")
     return "\n".join(lines)
 

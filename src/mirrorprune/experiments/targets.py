@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..ci import mean_ci
+from ..ci import mean_ci, show
 from ..config import option
 from ..data import TRAIN_SIZES
 from ..distributed import is_main
@@ -176,9 +176,7 @@ def markdown(rows: list[dict], methods: tuple[str, ...]) -> str:
             if not accs:
                 cells.append("–")
                 continue
-            mean, half = mean_ci(accs)
-            cells.append(f"{100 * mean:.2f}" + ("" if math.isnan(half) else
-                                                f" ± {100 * half:.2f}"))
+            cells.append(show(*mean_ci(accs)))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
