@@ -12,7 +12,7 @@ from torch import nn
 import mirrorprune as mp
 import mirrorprune.reparam
 from conftest import TiedNet, conv_net
-from mirrorprune.reparam import find_mirror_weights
+from mirrorprune.reparam import find_mirror_weights, mirrored_names
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 1.0, 5.0])
@@ -147,15 +147,48 @@ def test_unsupported_layer_types_are_named(monkeypatch):
     monkeypatch.setattr(mirrorprune.reparam, "_SHOWN", set())  # messages are shown once
     model = nn.ModuleDict({"rnn": nn.LSTM(3, 4), "att": nn.MultiheadAttention(4, 2),
                            "fc": nn.Linear(4, 2)})
-    with pytest.raises(ValueError, match=r"cannot reparametrize: rnn \(LSTM: weight_ih_l0.*"
-                       r"att \(MultiheadAttention: in_proj_weight"):
+    with pytest.raises(ValueError, match=r"cannot reparametrize: rnn \(LSTM: weight_ih_l0"):
         mp.PILoT(model, 1e-3, include=[nn.LSTM, nn.MultiheadAttention, nn.Linear])
     assert not find_mirror_weights(model)
-    with pytest.warns(UserWarning, match=r"3 weight matrices \(160 parameters\) stay dense.*"
-                      r"rnn.weight_ih_l0 \(LSTM, 48\), rnn.weight_hh_l0 \(LSTM, 64\), "
-                      r"att.in_proj_weight \(MultiheadAttention, 48\)\. include"):
-        pilot = mp.PILoT(model, 1e-3)  # the default selection takes the Linear layers only
-    assert [mw.name for mw in pilot.weights] == ["att.out_proj.weight", "fc.weight"]
+    with pytest.warns(UserWarning, match=r"2 weight matrices \(112 parameters\) stay dense.*"
+                      r"rnn.weight_ih_l0 \(LSTM, 48\), rnn.weight_hh_l0 \(LSTM, 64\)\. include"):
+        pilot = mp.PILoT(model, 1e-3)  # the default selection takes attention and Linear
+    assert [mw.name for mw in pilot.weights] == ["att.in_proj_weight", "att.out_proj.weight",
+                                                 "fc.weight"]
+
+
+@pytest.mark.parametrize("kv", [None, (3, 5)])
+def test_attention_input_projections_are_mirrored(kv):
+    """MultiheadAttention's weights are its input projection (one in_proj_weight, or
+    q/k/v_proj_weight when keys and values have sizes of their own): wrapped as m ⊙ w with
+    m0² − w0² = β, the function kept (training and the eval fast path), copies and pickles
+    intact, collapsed back to the plain class with the original parameter names."""
+    torch.manual_seed(0)
+    kdim, vdim = kv or (None, None)
+    att = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=vdim, batch_first=True)
+    names = ["in_proj_weight"] if kv is None else ["q_proj_weight", "k_proj_weight",
+                                                   "v_proj_weight"]
+    keys = list(att.state_dict())
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 5, kdim or 8), torch.randn(2, 5, vdim or 8)
+    before = {a: getattr(att, a).detach().clone() for a in names}
+    ys = [att.train()(q, k, v)[0], att.eval()(q, k, v)[0]]
+    pilot = mp.PILoT(att, 1e-3, beta=0.5)
+    assert [mw.name for mw in pilot.weights] == [*names, "out_proj.weight"]
+    assert isinstance(att, nn.MultiheadAttention) and mirrored_names(att) == tuple(names)
+    for a in names:
+        m, w = att._parameters[a + "_m"], att._parameters[a + "_w"]
+        torch.testing.assert_close(m * w, before[a])
+        torch.testing.assert_close(m * m - w * w, torch.full_like(m, 0.5))
+    with torch.no_grad():
+        for y, mode in zip(ys, (att.train, att.eval)):
+            torch.testing.assert_close(mode()(q, k, v)[0], y)
+            torch.testing.assert_close(copy.deepcopy(att)(q, k, v)[0], y)
+            torch.testing.assert_close(pickle.loads(pickle.dumps(att))(q, k, v)[0], y)
+    att.train()(q, k, v)[0].sum().backward()
+    assert all(att._parameters[a + "_w"].grad is not None for a in names)
+    plain = pilot.finalize(0.5)
+    assert type(plain) is nn.MultiheadAttention and list(plain.state_dict()) == keys
+    assert mp.sparsity_report(plain).sparsity == pytest.approx(0.5, abs=0.01)
 
 
 def test_the_default_selection_says_once_which_matrices_it_leaves_dense(monkeypatch):

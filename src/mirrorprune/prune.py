@@ -20,7 +20,7 @@ from .reparam import (
     find_mirror_weights,
     mirrored_names,
     safe_deepcopy,
-    select_modules,
+    select_weights,
 )
 
 SCOPES = ("global", "layer")
@@ -88,11 +88,11 @@ def unique_weights(
     """The selected prunable weights of a plain model by qualified name, tied ones once."""
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
-    for n, mod in select_modules(model, include, exclude):
-        p = mod._parameters["weight"]
+    for ref in select_weights(model, include, exclude):
+        p = ref.module._parameters[ref.attr]
         if id(p) not in seen:  # tied weights count once
             seen.add(id(p))
-            out[f"{n}.weight" if n else "weight"] = p
+            out[ref.name] = p
     return out
 
 

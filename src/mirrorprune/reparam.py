@@ -18,16 +18,35 @@ import fnmatch
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .errors import UsageError, check_number
 
-#: Module types whose `weight` is reparametrized by default (SPEC §2.1): no biases, no norms.
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Module types whose weights are reparametrized by default (SPEC §2.1): no biases, no norms.
+#: MultiheadAttention's own weights are its input projection(s): `weight_names`.
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                              nn.MultiheadAttention)
 
 Selector = Sequence[type[nn.Module] | str] | Callable[[nn.Module, str], bool] | None
+
+
+class WeightRef(NamedTuple):
+    """One selected weight: the tensor `getattr(module, attr)` of the module named `module_name`."""
+
+    module_name: str
+    module: nn.Module
+    attr: str
+
+    @property
+    def name(self) -> str:
+        """The weight's qualified name, e.g. "fc.weight" or "layer.0.self_attn.in_proj_weight"."""
+        return f"{self.module_name}.{self.attr}" if self.module_name else self.attr
+
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.attr)
 
 
 @dataclass
@@ -112,16 +131,33 @@ def _matches(module: nn.Module, name: str, pattern: type | str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def select_modules(
-    model: nn.Module, include: Selector = None, exclude: Selector = ()
-) -> list[tuple[str, nn.Module]]:
-    """Modules whose `weight` is prunable, in `named_modules` order.
+def weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The attribute names of a module's prunable weights: `weight`, or for MultiheadAttention
+    its input projection (`in_proj_weight`, or q/k/v_proj_weight when key and value have their
+    own sizes); its out_proj is an nn.Linear of its own."""
+    if issubclass(_base_class(module), nn.MultiheadAttention):
+        return (("in_proj_weight",) if module._qkv_same_embed_dim
+                else ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+    return ("weight",)
 
-    include: None (Linear and Conv1d/2d/3d), a sequence of module types and/or fnmatch globs on
-        module names, or a predicate `fn(module, name) -> bool` (torchao's filter_fn).
+
+def _prunable(module: nn.Module) -> bool:
+    return all(isinstance(module._parameters.get(a), nn.Parameter)
+               or a in mirrored_names(module) for a in weight_names(module))
+
+
+def select_weights(
+    model: nn.Module, include: Selector = None, exclude: Selector = ()
+) -> list[WeightRef]:
+    """The prunable weights of the selected modules, in `named_modules` order.
+
+    include: None (nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention), a sequence of module
+        types and/or fnmatch globs on module names, or a predicate `fn(module, name) -> bool`
+        (torchao's filter_fn).
     exclude: types and/or name globs removed from that selection (e.g. ("conv1", "fc") keeps the
         first and last layer of a ResNet dense).
-    Modules that already carry the reparametrization count by their original class.
+    A module's weights are those `weight_names` gives. Modules that already carry the
+    reparametrization count by their original class.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -130,62 +166,61 @@ def select_modules(
         chosen = [(n, mod) for n, mod in named if include(mod, n)]
     else:
         patterns = _as_tuple(include) or DEFAULT_TYPES
-        for p in patterns:
-            if not isinstance(p, (str, type)):
-                raise UsageError(f"include entries must be module types or name globs, got {p!r}")
-            if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
-                raise UsageError(f"include pattern {p!r} matches no module; {_names_hint(named)}")
+        _check_patterns(patterns, named, "include")
         chosen = [(n, mod) for n, mod in named if any(_matches(mod, n, p) for p in patterns)]
     excl = _as_tuple(exclude)
-    for p in excl:
-        if not isinstance(p, (str, type)):
-            raise UsageError(f"exclude entries must be module types or name globs, got {p!r}")
-        if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
-            raise UsageError(f"exclude pattern {p!r} matches no module; {_names_hint(named)}")
+    _check_patterns(excl, named, "exclude")
     chosen = [(n, mod) for n, mod in chosen if not any(_matches(mod, n, p) for p in excl)]
     _refuse_managed(chosen)
-    prunable = [
-        (n, mod)
-        for n, mod in chosen
-        if isinstance(mod._parameters.get("weight"), nn.Parameter)
-        or "weight" in mirrored_names(mod)
-    ]
-    unsupported = [(n, mod) for n, mod in chosen if (n, mod) not in prunable
+    unsupported = [(n, mod) for n, mod in chosen if not _prunable(mod)
                    and any(isinstance(p, nn.Parameter) for p in mod._parameters.values())]
     if include is not None and unsupported:
         # asked for explicitly, but their weights are not a `weight` Parameter (e.g. nn.LSTM's
-        # weight_ih_l0, MultiheadAttention's in_proj_weight): say so rather than skip them
+        # weight_ih_l0): say so rather than skip them
         shown = ", ".join(f"{n or '<root>'} ({type(m).__name__}: "
                           f"{', '.join(list(m._parameters)[:3])})" for n, m in unsupported[:5])
         raise UsageError(
             f"include selects modules PILoT cannot reparametrize: {shown}. Supported are modules "
             "whose weight is a Parameter named `weight` (nn.Linear, nn.Conv*, nn.Embedding, "
-            "...); leave these out of include, or exclude them")
-    chosen = prunable
-    if include is None and chosen:
-        _warn_left_dense(named, chosen, excl)
-    if not chosen:
+            "...) and nn.MultiheadAttention; leave these out of include, or exclude them")
+    refs = [WeightRef(n, mod, a) for n, mod in chosen if _prunable(mod)
+            for a in weight_names(mod)]
+    if include is None and refs:
+        _warn_left_dense(named, refs, excl)
+    if not refs:
         raise UsageError(
-            "include/exclude select no prunable weight (a module with a `weight` parameter; "
-            "default: nn.Linear and nn.Conv1d/2d/3d). Pass include=[...] with module types or "
-            f"name globs; {_names_hint(named)}"
+            "include/exclude select no prunable weight (a module with a `weight` parameter, or "
+            "nn.MultiheadAttention; default: nn.Linear, nn.Conv1d/2d/3d and "
+            "nn.MultiheadAttention). Pass include=[...] with module types or name globs; "
+            f"{_names_hint(named)}"
         )
-    return chosen
+    return refs
+
+
+def _check_patterns(patterns: tuple, named: list[tuple[str, nn.Module]], what: str) -> None:
+    for p in patterns:
+        if not isinstance(p, (str, type)):
+            raise UsageError(f"{what} entries must be module types or name globs, got {p!r}")
+        if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
+            raise UsageError(f"{what} pattern {p!r} matches no module; {_names_hint(named)}")
 
 
 _SHOWN: set[str] = set()
 
 
-def _warn_left_dense(named: list[tuple[str, nn.Module]], chosen: list[tuple[str, nn.Module]],
+def _warn_left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
                      excl: tuple) -> None:
     """Say which matrices the default selection leaves dense without being asked to: those
     of other module types (a custom or transposed layer: include=[...] takes them) and
-    those not named `weight`, which cannot be reparametrized (MultiheadAttention's
-    in_proj_weight, RNN weights). Embeddings are left out by design (SPEC §2.1)."""
-    taken = {id(sub) for _, mod in chosen for sub in mod.modules()}  # a parametrization's too
+    those not named `weight`, which cannot be reparametrized (RNN weights). Embeddings are left
+    out by design (SPEC §2.1); a selected module's other tensors (biases) by definition."""
+    # a selected or excluded module's submodules too: a parametrization's `original`
+    quiet = [ref.module for ref in refs] + [m for n, m in named
+                                            if any(_matches(m, n, e) for e in excl)]
+    taken = {id(sub) for mod in quiet for sub in mod.modules()}
     left = [(f"{n}.{pn}" if n else pn, type(mod).__name__, p.numel())
             for n, mod in named
-            if id(mod) not in taken and not any(_matches(mod, n, e) for e in excl)
+            if id(mod) not in taken
             and not isinstance(mod, (nn.Embedding, nn.EmbeddingBag))
             for pn, p in mod._parameters.items() if p is not None and p.dim() >= 2]
     if left:
@@ -194,36 +229,38 @@ def _warn_left_dense(named: list[tuple[str, nn.Module]], chosen: list[tuple[str,
         message = (
             f"{len(left)} weight {'matrix' if len(left) == 1 else 'matrices'} ({total:,} "
             f"parameters) stay{'s' if len(left) == 1 else ''} dense, outside the default "
-            f"selection (nn.Linear and nn.Conv1d/2d/3d): {shown}{' ...' if len(left) > 5 else ''}"
-            ". include=[...] adds other module types whose weight is a Parameter named `weight`; "
-            "parameters under other names (MultiheadAttention's in_proj_weight, RNN weights) "
-            "cannot be reparametrized. exclude=[...] silences this for the modules named")
+            "selection (nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention): "
+            f"{shown}{' ...' if len(left) > 5 else ''}. include=[...] adds other module types "
+            "whose weight is a Parameter named `weight`; parameters under other names (RNN "
+            "weights) cannot be reparametrized. exclude=[...] silences this for the modules "
+            "named")
         if message not in _SHOWN:  # once: wrapping, pruning and export all select
             _SHOWN.add(message)
             warnings.warn(message, stacklevel=3)
 
 
 def _weight_manager(mod: nn.Module) -> str | None:
-    """What computes this module's `weight` instead of it being its own Parameter, if
-    anything: torch's parametrize, pruning masks, old-style weight/spectral norm hooks."""
+    """What computes one of this module's weights (`weight_names`) instead of it being its own
+    Parameter, if anything: torch's parametrize, pruning masks, old-style weight/spectral norm
+    hooks."""
     from torch.nn.utils import parametrize, prune
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    if "weight" in mirrored_names(mod):
-        return None
-    if parametrize.is_parametrized(mod, "weight"):
-        return "a torch.nn.utils.parametrize parametrization"
-    for hook in mod._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod):
-            return "a torch.nn.utils.prune mask (weight_orig, weight_mask)"
-        if isinstance(hook, WeightNorm):
-            return "weight_norm (weight_g, weight_v)"
-        if isinstance(hook, SpectralNorm):
-            return "spectral_norm (weight_orig)"
-    if "weight" not in mod._parameters and isinstance(getattr(mod, "weight", None),
-                                                      torch.Tensor):
-        return "something other than a Parameter (a buffer, or a hook)"
+    for a in weight_names(mod):
+        if a in mirrored_names(mod):
+            continue
+        if parametrize.is_parametrized(mod, a):
+            return "a torch.nn.utils.parametrize parametrization"
+        for hook in mod._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == a:
+                return f"a torch.nn.utils.prune mask ({a}_orig, {a}_mask)"
+            if isinstance(hook, WeightNorm) and hook.name == a:
+                return f"weight_norm ({a}_g, {a}_v)"
+            if isinstance(hook, SpectralNorm) and hook.name == a:
+                return f"spectral_norm ({a}_orig)"
+        if a not in mod._parameters and isinstance(getattr(mod, a, None), torch.Tensor):
+            return "something other than a Parameter (a buffer, or a hook)"
     return None
 
 
@@ -298,40 +335,38 @@ def wrap(
     The network function is unchanged (up to float rounding of m0·w0).
     """
     beta = check_beta(beta)
-    chosen = select_modules(model, include, exclude)
-    if any(mirrored_names(mod) for _, mod in chosen):
+    refs = select_weights(model, include, exclude)
+    if any(mirrored_names(ref.module) for ref in refs):
         raise UsageError("model is already reparametrized by mirrorprune; wrap it only once")
     # Group by tensor identity so tied weights share one (m, w) pair.
-    by_id: dict[int, list[tuple[str, nn.Module]]] = {}
-    for n, mod in chosen:
-        by_id.setdefault(id(mod._parameters["weight"]), []).append((n, mod))
+    by_id: dict[int, list[WeightRef]] = {}
+    for ref in refs:
+        by_id.setdefault(id(ref.module._parameters[ref.attr]), []).append(ref)
     _check_ties(model, by_id)
     out = []
     for group in by_id.values():
-        p = group[0][1]._parameters["weight"]
+        p = group[0].module._parameters[group[0].attr]
         m0, w0 = mirror_init(p, beta)
         m = nn.Parameter(m0, requires_grad=p.requires_grad)
         w = nn.Parameter(w0, requires_grad=p.requires_grad)
-        for _, mod in group:
-            _replace_params(mod, ("weight",), {"weight_m": m, "weight_w": w})
-            mod.__class__ = _mirror_class(type(mod), ("weight",))
-        names = [f"{n}.weight" if n else "weight" for n, _ in group]
-        out.append(MirrorWeight(names, [(mod, "weight") for _, mod in group], m, w))
+        for _, mod, a in group:
+            _replace_params(mod, (a,), {a + "_m": m, a + "_w": w})
+            mod.__class__ = _mirror_class(_base_class(mod), (*mirrored_names(mod), a))
+        out.append(MirrorWeight([ref.name for ref in group],
+                                [(ref.module, ref.attr) for ref in group], m, w))
     return out
 
 
-def _check_ties(model: nn.Module, by_id: dict[int, list[tuple[str, nn.Module]]]) -> None:
-    # A weight shared with a module left out of the selection would silently lose its tie.
-    chosen_mods = {id(mod) for group in by_id.values() for _, mod in group}
+def _check_ties(model: nn.Module, by_id: dict[int, list[WeightRef]]) -> None:
+    # A weight shared with a tensor left out of the selection would silently lose its tie.
+    chosen = {(id(ref.module), ref.attr) for group in by_id.values() for ref in group}
     for n, mod in model.named_modules():
-        if id(mod) in chosen_mods:
-            continue
         for pn, p in mod._parameters.items():
-            if p is not None and id(p) in by_id:
-                inside = by_id[id(p)][0][0]
+            if p is not None and id(p) in by_id and (id(mod), pn) not in chosen:
+                inside = by_id[id(p)][0].name
                 raise UsageError(
-                    f"weight of {inside!r} is tied to {n + '.' + pn!r}, which is not selected; "
-                    "include or exclude both modules so the tie is kept"
+                    f"{inside!r} is tied to {n + '.' + pn if n else pn!r}, which is not "
+                    "selected; include or exclude both modules so the tie is kept"
                 )
 
 

@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..files import read_rows, save_figure
 from ..methods import METHODS, Method, create_method
 from ..models import MODELS, create_model
-from ..reparam import select_modules
+from ..reparam import select_weights
 from ..train import PRECISIONS, TrainConfig
 
 PRESETS = ("cpu", "cpu-full", "paper")
@@ -223,7 +223,7 @@ def check_methods(methods: dict[str, Method], dataset: str, model: str, lr: floa
     the largest learning rate it will get; the dataset's files are located, not read."""
     locate(dataset, data_dir)  # raises DataNotFoundError, saying where it looked
     for method in methods.values():
-        select_modules(create_model(model, 10, SHAPES[dataset]), method.include,
+        select_weights(create_model(model, 10, SHAPES[dataset]), method.include,
                        method.exclude)
         method.check_lr(lr * (lr_scale_mw if method.uses_mw else 1.0))
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import default_of, kind_text, option, parse
 from ..errors import UsageError
 from ..prune import pruned_mass
-from ..reparam import Selector, safe_deepcopy, select_modules
+from ..reparam import Selector, safe_deepcopy, select_weights
 
 #: Every method by name, in registration order (filled by `register_method`).
 METHODS: dict[str, type[Method]] = {}
@@ -119,12 +119,12 @@ class Method:
         learning rate at step k is `lr(k)` (None: constant)."""
         self.model, self.steps_per_epoch, self.epochs = model, steps_per_epoch, epochs
         self.lr_at = lr
-        self.modules = select_modules(model, self.include, self.exclude)
+        self.selected = select_weights(model, self.include, self.exclude)
 
     def masked_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The trainable tensors behind each prunable weight (by the weight's name), which a
         fixed mask zeroes (`mirrorprune.train.FixedMasks`)."""
-        return {f"{n}.weight" if n else "weight": [mod.weight] for n, mod in self.modules}
+        return {ref.name: [ref.tensor()] for ref in self.selected}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "weight_decay": weight_decay}]
@@ -159,12 +159,12 @@ class Method:
     def weights(self) -> dict[str, torch.Tensor]:
         """The effective prunable weights (detached), tied ones once."""
         out, seen = {}, set()
-        for n, mod in self.modules:
-            w = mod.weight
-            key = id(mod._parameters.get("weight", mod))
+        for ref in self.selected:
+            p = ref.module._parameters.get(ref.attr)  # None where a parametrization computes it
+            key = id(p) if p is not None else (id(ref.module), ref.attr)
             if key not in seen:
                 seen.add(key)
-                out[f"{n}.weight" if n else "weight"] = w.detach()
+                out[ref.name] = ref.tensor().detach()
         return out
 
     @torch.no_grad()
@@ -201,4 +201,4 @@ class L1(Method):
                             low=0)
 
     def penalty(self) -> torch.Tensor:
-        return self.hp["lam"] * sum(mod.weight.abs().sum() for _, mod in self.modules)
+        return self.hp["lam"] * sum(ref.tensor().abs().sum() for ref in self.selected)

@@ -29,18 +29,17 @@ class _Parametrized(Method):
 
     def attach(self, model, steps_per_epoch, epochs, lr=None):
         super().attach(model, steps_per_epoch, epochs, lr)
-        for _, mod in self.modules:
-            if not parametrize.is_parametrized(mod, "weight"):  # tied weights: once
-                parametrize.register_parametrization(mod, "weight",
-                                                     self.make_param(mod.weight.detach())
-                                                     .to(mod.weight.device))
+        for _, mod, a in self.selected:
+            if not parametrize.is_parametrized(mod, a):  # tied weights: once
+                x = getattr(mod, a).detach()
+                parametrize.register_parametrization(mod, a, self.make_param(x).to(x.device))
 
     def masked_tensors(self):
         raise UsageError(f"method {self.name!r} computes its weight from other tensors, which a "
                          "fixed mask cannot hold at zero; use dense, l1, gmp or an m ⊙ w method")
 
     def params(self) -> list[nn.Module]:
-        return [mod.parametrizations.weight[0] for _, mod in self.modules]
+        return [mod.parametrizations[a][0] for _, mod, a in self.selected]
 
     def param_groups(self, weight_decay):
         # the parametrization's own parameters (mask logits, thresholds) are grouped apart
@@ -53,11 +52,11 @@ class _Parametrized(Method):
     @torch.no_grad()
     def export(self) -> nn.Module:
         model = safe_deepcopy(self.model)
-        for n, _ in self.modules:
+        for n, _, a in self.selected:
             copy_mod = model.get_submodule(n)
-            if not parametrize.is_parametrized(copy_mod, "weight"):
+            if not parametrize.is_parametrized(copy_mod, a):
                 continue
-            p = copy_mod.parametrizations.weight
+            p = copy_mod.parametrizations[a]
             value = self.final(p[0], p.original).detach().clone()
             # deepcopy shares the generated Parametrized* class with the original module, and
             # removing a parametrization deletes the property from that class: give the copy
@@ -65,8 +64,8 @@ class _Parametrized(Method):
             cls = type(copy_mod)
             copy_mod.__class__ = type(cls.__name__, cls.__bases__, {
                 k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
-            parametrize.remove_parametrizations(copy_mod, "weight", leave_parametrized=False)
-            copy_mod.weight.copy_(value)
+            parametrize.remove_parametrizations(copy_mod, a, leave_parametrized=False)
+            getattr(copy_mod, a).copy_(value)
         return model
 
 
