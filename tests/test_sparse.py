@@ -400,6 +400,9 @@ def test_transformer_encoder_exports_under_no_grad():
     kept = [d for d in report if "fused inference path" in d.reason]
     assert len(kept) == 6 and not any(d.sparse for d in report)  # linear1, linear2, out_proj
     assert "layers.0.linear1" in str(report)
+    attention = [d for d in report if d.name.endswith("self_attn.in_proj_weight")]
+    assert len(attention) == 2 and all(d.sparsity == pytest.approx(0.9, abs=0.01)
+                                       and d.shape == (96, 32) for d in attention)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
