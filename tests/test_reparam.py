@@ -93,6 +93,38 @@ def test_tie_to_unselected_module_is_refused():
         mp.PILoT(model, 1e-3, exclude=("dec",))
 
 
+class _TiedLM(nn.Module):
+    """A language model whose output layer shares its input embedding's Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mid = nn.Embedding(20, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.head(torch.relu(self.mid(self.emb(t))))
+
+
+def test_a_head_tied_to_the_embedding_stays_dense_by_default(monkeypatch):
+    monkeypatch.setattr(mirrorprune.reparam, "_SHOWN", set())
+    with pytest.warns(UserWarning, match=r"head.weight \(tied to emb.weight\) stays dense") as seen:
+        pilot = mp.PILoT(_TiedLM(), 1e-3)
+    assert [w.filename for w in seen] == [__file__]  # attributed to the caller
+    assert [mw.name for mw in pilot.weights] == ["mid.weight"]
+    model = _TiedLM()
+    emb = model.emb.weight.detach().clone()
+    pruned = mp.prune(model, 0.5)  # the embedding is not pruned through the tie
+    assert torch.equal(pruned.emb.weight, emb) and pruned.head.weight is pruned.emb.weight
+    assert (pruned.mid.weight == 0).float().mean() == 0.5
+    both = mp.PILoT(_TiedLM(), 1e-3, include=[nn.Embedding, nn.Linear])  # sparsified together
+    assert both.weights[0].names == ["emb.weight", "head.weight"]
+    with pytest.raises(ValueError, match="'head.weight' is tied to 'emb.weight', which is not "
+                       "selected"):
+        mp.PILoT(_TiedLM(), 1e-3, include=[nn.Linear])  # a tie split on purpose
+
+
 def test_copy_pickle_and_device_moves_keep_the_reparametrization():
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
     mp.PILoT(model, 1e-3)

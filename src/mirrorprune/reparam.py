@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -183,10 +185,10 @@ def select_weights(
             f"include selects modules PILoT cannot reparametrize: {shown}. Supported are modules "
             "whose weight is a Parameter named `weight` (nn.Linear, nn.Conv*, nn.Embedding, "
             "...) and nn.MultiheadAttention; leave these out of include, or exclude them")
-    refs = [WeightRef(n, mod, a) for n, mod in chosen if _prunable(mod)
-            for a in weight_names(mod)]
+    refs, tied = _untie(named, [WeightRef(n, mod, a) for n, mod in chosen if _prunable(mod)
+                                for a in weight_names(mod)], include, excl)
     if include is None and refs:
-        _warn_left_dense(named, refs, excl)
+        _warn_left_dense(named, refs + tied, excl)
     if not refs:
         raise UsageError(
             "include/exclude select no prunable weight (a module with a `weight` parameter, or "
@@ -205,12 +207,60 @@ def _check_patterns(patterns: tuple, named: list[tuple[str, nn.Module]], what: s
             raise UsageError(f"{what} pattern {p!r} matches no module; {_names_hint(named)}")
 
 
+def _untie(named: list[tuple[str, nn.Module]], refs: list[WeightRef], include: Selector,
+           excl: tuple) -> tuple[list[WeightRef], list[WeightRef]]:
+    """(`refs` without the weights tied to a tensor outside them, those weights): one
+    Parameter cannot be both m ⊙ w and dense, nor pruned in one place only. A language model's
+    output layer tied to its input embedding (outside the default selection) stays dense with
+    it, and a warning says so; where include or exclude split a tie on purpose, that is an
+    error."""
+    holders: dict[int, list[WeightRef]] = {}
+    for n, mod in named:
+        for a, p in mod._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append(WeightRef(n, mod, a))
+    inside = {(id(ref.module), ref.attr) for ref in refs}
+    kept, tied = [], []
+    for ref in refs:
+        p = ref.module._parameters.get(ref.attr)  # absent when already m ⊙ w
+        outside = [h for h in holders.get(id(p), []) if (id(h.module), h.attr) not in inside]
+        if not outside:
+            kept.append(ref)
+        elif include is not None or any(_matches(h.module, h.module_name, e)
+                                        for h in outside for e in excl):
+            raise UsageError(
+                f"{ref.name!r} is tied to {outside[0].name!r}, which is not selected; include "
+                "or exclude both modules so the tie is kept")
+        else:
+            tied.append((ref, outside[0]))
+    if tied:
+        shown = ", ".join(f"{ref.name} (tied to {h.name})" for ref, h in tied[:5])
+        _warn_once(
+            f"{shown}{' ...' if len(tied) > 5 else ''} stay{'s' if len(tied) == 1 else ''} "
+            "dense: the Parameter is shared with a tensor outside the default selection (an "
+            "embedding), and both must stay alike. include=[...] both (e.g. nn.Embedding) to "
+            "sparsify them together; exclude=[...] silences this")
+    return kept, [ref for ref, _ in tied]
+
+
 _SHOWN: set[str] = set()
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../mirrorprune/
+
+
+def _warn_once(message: str) -> None:
+    if message not in _SHOWN:  # once: wrapping, pruning and export all select
+        _SHOWN.add(message)
+        # attributed to the first caller outside this package, whichever entry point it used
+        frame, level = sys._getframe(0), 1
+        while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, stacklevel=level)
 
 
 def _warn_left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
                      excl: tuple) -> None:
-    """Say which matrices the default selection leaves dense without being asked to: those
+    """Say which matrices the default selection (`refs`, and the weights `_untie` already
+    named) leaves dense without being asked to: those
     of other module types (a custom or transposed layer: include=[...] takes them) and
     those not named `weight`, which cannot be reparametrized (RNN weights). Embeddings are left
     out by design (SPEC §2.1); a selected module's other tensors (biases) by definition."""
@@ -234,9 +284,7 @@ def _warn_left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
             "whose weight is a Parameter named `weight`; parameters under other names (RNN "
             "weights) cannot be reparametrized. exclude=[...] silences this for the modules "
             "named")
-        if message not in _SHOWN:  # once: wrapping, pruning and export all select
-            _SHOWN.add(message)
-            warnings.warn(message, stacklevel=3)
+        _warn_once(message)
 
 
 def _weight_manager(mod: nn.Module) -> str | None:
@@ -342,7 +390,6 @@ def wrap(
     by_id: dict[int, list[WeightRef]] = {}
     for ref in refs:
         by_id.setdefault(id(ref.module._parameters[ref.attr]), []).append(ref)
-    _check_ties(model, by_id)
     out = []
     for group in by_id.values():
         p = group[0].module._parameters[group[0].attr]
@@ -355,19 +402,6 @@ def wrap(
         out.append(MirrorWeight([ref.name for ref in group],
                                 [(ref.module, ref.attr) for ref in group], m, w))
     return out
-
-
-def _check_ties(model: nn.Module, by_id: dict[int, list[WeightRef]]) -> None:
-    # A weight shared with a tensor left out of the selection would silently lose its tie.
-    chosen = {(id(ref.module), ref.attr) for group in by_id.values() for ref in group}
-    for n, mod in model.named_modules():
-        for pn, p in mod._parameters.items():
-            if p is not None and id(p) in by_id and (id(mod), pn) not in chosen:
-                inside = by_id[id(p)][0].name
-                raise UsageError(
-                    f"{inside!r} is tied to {n + '.' + pn if n else pn!r}, which is not "
-                    "selected; include or exclude both modules so the tie is kept"
-                )
 
 
 def _replace_params(mod: nn.Module, old: tuple[str, ...], new: dict[str, nn.Parameter]) -> None:
