@@ -245,6 +245,9 @@ def test_the_default_selection_says_once_which_matrices_it_leaves_dense(monkeypa
         warnings.simplefilter("error")  # asked for: no warning
         mp.prune(copy.deepcopy(model), 0.5, exclude=["mine", "up"])
         mp.prune(copy.deepcopy(model), 0.5, include=[nn.Linear, Custom])
+    with pytest.raises(ValueError, match=r"select no prunable weight.*1 weight matrix \(30 "
+                       r"parameters\) stays dense.*mine.weight \(Custom, 30\)"):
+        mp.PILoT(nn.ModuleDict({"emb": nn.Embedding(9, 6), "mine": Custom()}), 1e-3)
 
 
 def test_model_without_prunable_weights_and_double_wrap():

@@ -187,15 +187,16 @@ def select_weights(
             "...) and nn.MultiheadAttention; leave these out of include, or exclude them")
     refs, tied = _untie(named, [WeightRef(n, mod, a) for n, mod in chosen if _prunable(mod)
                                 for a in weight_names(mod)], include, excl)
-    if include is None and refs:
-        _warn_left_dense(named, refs + tied, excl)
+    left = _left_dense(named, refs + tied, excl) if include is None else None
     if not refs:
         raise UsageError(
             "include/exclude select no prunable weight (a module with a `weight` parameter, or "
             "nn.MultiheadAttention; default: nn.Linear, nn.Conv1d/2d/3d and "
             "nn.MultiheadAttention). Pass include=[...] with module types or name globs; "
-            f"{_names_hint(named)}"
+            f"{_names_hint(named)}{'. ' + left if left else ''}"
         )
+    if left:
+        _warn_once(left)
     return refs
 
 
@@ -234,9 +235,9 @@ def _untie(named: list[tuple[str, nn.Module]], refs: list[WeightRef], include: S
         else:
             tied.append((ref, outside[0]))
     if tied:
-        shown = ", ".join(f"{ref.name} (tied to {h.name})" for ref, h in tied[:5])
+        shown = _listed([f"{ref.name} (tied to {h.name})" for ref, h in tied])
         _warn_once(
-            f"{shown}{' ...' if len(tied) > 5 else ''} stay{'s' if len(tied) == 1 else ''} "
+            f"{shown} stay{'s' if len(tied) == 1 else ''} "
             "dense: the Parameter is shared with a tensor outside the default selection (an "
             "embedding), and both must stay alike. include=[...] both (e.g. nn.Embedding) to "
             "sparsify them together; exclude=[...] silences this")
@@ -257,13 +258,13 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=level)
 
 
-def _warn_left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
-                     excl: tuple) -> None:
-    """Say which matrices the default selection (`refs`, and the weights `_untie` already
-    named) leaves dense without being asked to: those
-    of other module types (a custom or transposed layer: include=[...] takes them) and
-    those not named `weight`, which cannot be reparametrized (RNN weights). Embeddings are left
-    out by design (SPEC §2.1); a selected module's other tensors (biases) by definition."""
+def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
+                excl: tuple) -> str | None:
+    """What to say about the matrices the default selection (`refs`, and the weights `_untie`
+    already named) leaves dense without being asked to, if any: those of other module types
+    (a custom or transposed layer: include=[...] takes them) and those not named `weight`,
+    which cannot be reparametrized (RNN weights). Embeddings are left out by design (SPEC
+    §2.1); a selected module's other tensors (biases) by definition."""
     # a selected or excluded module's submodules too: a parametrization's `original`
     quiet = [ref.module for ref in refs] + [m for n, m in named
                                             if any(_matches(m, n, e) for e in excl)]
@@ -273,18 +274,22 @@ def _warn_left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
             if id(mod) not in taken
             and not isinstance(mod, (nn.Embedding, nn.EmbeddingBag))
             for pn, p in mod._parameters.items() if p is not None and p.dim() >= 2]
-    if left:
-        total = sum(k for *_, k in left)
-        shown = ", ".join(f"{q} ({t}, {k:,})" for q, t, k in left[:5])
-        message = (
-            f"{len(left)} weight {'matrix' if len(left) == 1 else 'matrices'} ({total:,} "
-            f"parameters) stay{'s' if len(left) == 1 else ''} dense, outside the default "
-            "selection (nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention): "
-            f"{shown}{' ...' if len(left) > 5 else ''}. include=[...] adds other module types "
-            "whose weight is a Parameter named `weight`; parameters under other names (RNN "
-            "weights) cannot be reparametrized. exclude=[...] silences this for the modules "
-            "named")
-        _warn_once(message)
+    if not left:
+        return None
+    total = sum(k for *_, k in left)
+    return (
+        f"{len(left)} weight {'matrix' if len(left) == 1 else 'matrices'} ({total:,} "
+        f"parameters) stay{'s' if len(left) == 1 else ''} dense, outside the default "
+        "selection (nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention): "
+        f"{_listed([f'{q} ({t}, {k:,})' for q, t, k in left])}. include=[...] adds other "
+        "module types whose weight is a Parameter named `weight`; parameters under other names "
+        "(RNN weights) cannot be reparametrized. exclude=[...] silences this for the modules "
+        "named")
+
+
+def _listed(items: list[str], most: int = 5) -> str:
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most
+                                      else "")
 
 
 def _weight_manager(mod: nn.Module) -> str | None:
