@@ -63,6 +63,18 @@ def test_wrapping_keeps_conv_outputs(dim):
     assert {type(m).__name__ for m, _ in (mw.modules[0] for mw in pilot.weights)} >= {"Linear"}
 
 
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_transposed_convolutions_are_selected_by_default(dim):
+    """SPEC §2.1's nn.Conv* includes the transposed ones (a U-Net's decoder)."""
+    torch.manual_seed(0)
+    conv = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dim - 1]
+    model = nn.Sequential(conv(2, 3, 2, stride=2), nn.ReLU(), conv(3, 2, 3, padding=1))
+    pilot, keys = _outputs_equal(model, torch.randn(2, 2, *([3] * dim)))
+    assert [mw.name for mw in pilot.weights] == ["0.weight", "2.weight"]
+    plain = pilot.finalize(0.5)
+    assert list(plain.state_dict()) == keys and type(plain[0]) is conv
+
+
 def test_wrapping_keeps_linear_outputs_and_state_dict_names():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     x0 = model[0].weight.detach().clone()
@@ -232,14 +244,14 @@ def test_the_default_selection_says_once_which_matrices_it_leaves_dense(monkeypa
             self.weight = nn.Parameter(torch.randn(5, 6))
 
     model = nn.ModuleDict({"emb": nn.Embedding(9, 6), "mine": Custom(), "up":
-                           nn.ConvTranspose2d(2, 3, 2), "fc": nn.Linear(6, 2)})
+                           nn.Bilinear(2, 3, 4), "fc": nn.Linear(6, 2)})
     with pytest.warns(UserWarning) as seen:
         mp.prune(copy.deepcopy(model), 0.5)
         mp.prune(copy.deepcopy(model), 0.5)  # the same message: shown once
     assert len(seen) == 1
     msg = str(seen[0].message)
     assert "2 weight matrices (54 parameters)" in msg and "mine.weight (Custom, 30)" in msg
-    assert "up.weight (ConvTranspose2d, 24)" in msg and "emb" not in msg  # embeddings: by design
+    assert "up.weight (Bilinear, 24)" in msg and "emb" not in msg  # embeddings: by design
     monkeypatch.setattr(mirrorprune.reparam, "_SHOWN", set())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked for: no warning

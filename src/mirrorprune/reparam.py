@@ -27,10 +27,12 @@ from torch import nn
 
 from .errors import UsageError, check_number
 
-#: Module types whose weights are reparametrized by default (SPEC §2.1): no biases, no norms.
-#: MultiheadAttention's own weights are its input projection(s): `weight_names`.
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                                              nn.MultiheadAttention)
+#: Module types whose weights are reparametrized by default (SPEC §2.1: Linear and Conv*, the
+#: transposed ones included): no biases, no norms. MultiheadAttention's own weights are its
+#: input projection(s): `weight_names`.
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.MultiheadAttention)
 
 Selector = Sequence[type[nn.Module] | str] | Callable[[nn.Module, str], bool] | None
 
@@ -153,9 +155,9 @@ def select_weights(
 ) -> list[WeightRef]:
     """The prunable weights of the selected modules, in `named_modules` order.
 
-    include: None (nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention), a sequence of module
-        types and/or fnmatch globs on module names, or a predicate `fn(module, name) -> bool`
-        (torchao's filter_fn).
+    include: None (`DEFAULT_TYPES`: nn.Linear, nn.Conv*, nn.MultiheadAttention), a sequence
+        of module types and/or fnmatch globs on module names, or a predicate
+        `fn(module, name) -> bool` (torchao's filter_fn).
     exclude: types and/or name globs removed from that selection (e.g. ("conv1", "fc") keeps the
         first and last layer of a ResNet dense).
     A module's weights are those `weight_names` gives. Modules that already carry the
@@ -191,8 +193,8 @@ def select_weights(
     if not refs:
         raise UsageError(
             "include/exclude select no prunable weight (a module with a `weight` parameter, or "
-            "nn.MultiheadAttention; default: nn.Linear, nn.Conv1d/2d/3d and "
-            "nn.MultiheadAttention). Pass include=[...] with module types or name globs; "
+            "nn.MultiheadAttention; default: nn.Linear, nn.Conv* and nn.MultiheadAttention). "
+            "Pass include=[...] with module types or name globs; "
             f"{_names_hint(named)}{'. ' + left if left else ''}"
         )
     if left:
@@ -262,7 +264,7 @@ def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
                 excl: tuple) -> str | None:
     """What to say about the matrices the default selection (`refs`, and the weights `_untie`
     already named) leaves dense without being asked to, if any: those of other module types
-    (a custom or transposed layer: include=[...] takes them) and those not named `weight`,
+    (a layer of the user's own: include=[...] takes them) and those not named `weight`,
     which cannot be reparametrized (RNN weights). Embeddings are left out by design (SPEC
     §2.1); a selected module's other tensors (biases) by definition."""
     # a selected or excluded module's submodules too: a parametrization's `original`
@@ -280,7 +282,7 @@ def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
     return (
         f"{len(left)} weight {'matrix' if len(left) == 1 else 'matrices'} ({total:,} "
         f"parameters) stay{'s' if len(left) == 1 else ''} dense, outside the default "
-        "selection (nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention): "
+        "selection (nn.Linear, nn.Conv*, nn.MultiheadAttention): "
         f"{_listed([f'{q} ({t}, {k:,})' for q, t, k in left])}. include=[...] adds other "
         "module types whose weight is a Parameter named `weight`; parameters under other names "
         "(RNN weights) cannot be reparametrized. exclude=[...] silences this for the modules "
