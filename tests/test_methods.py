@@ -31,7 +31,25 @@ def _attention_net():
                          nn.Flatten(), nn.Linear(48, 10))
 
 
-@pytest.mark.parametrize("net", [_net, _attention_net])
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, batch_first=True, bidirectional=True)
+        self.cell = nn.GRUCell(16, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.flatten(1, 2))  # the image's rows as a sequence
+        return self.fc(self.cell(out[:, -1]))
+
+
+def _recurrent_net():
+    """An LSTM and a GRU cell: their weight_ih/weight_hh matrices are prunable weights."""
+    torch.manual_seed(0)
+    return _Recurrent()
+
+
+@pytest.mark.parametrize("net", [_net, _attention_net, _recurrent_net])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_trains_and_exports_a_plain_model_with_exact_sparsity(name, net):
     data = _tiny_data()

@@ -187,52 +187,84 @@ def test_invalid_arguments_name_the_problem(kwargs, match):
     assert not find_mirror_weights(model)  # a refused wrap leaves the model untouched
 
 
+class _Kernel(nn.Module):  # a layer whose matrix is not named `weight`
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.kernel
+
+
 def test_unsupported_layer_types_are_named(monkeypatch):
     monkeypatch.setattr(mirrorprune.reparam, "_SHOWN", set())  # messages are shown once
-    model = nn.ModuleDict({"rnn": nn.LSTM(3, 4), "att": nn.MultiheadAttention(4, 2),
+    model = nn.ModuleDict({"mine": _Kernel(), "att": nn.MultiheadAttention(4, 2),
                            "fc": nn.Linear(4, 2)})
-    with pytest.raises(ValueError, match=r"cannot reparametrize: rnn \(LSTM: weight_ih_l0"):
-        mp.PILoT(model, 1e-3, include=[nn.LSTM, nn.MultiheadAttention, nn.Linear])
+    with pytest.raises(ValueError, match=r"cannot reparametrize: mine \(_Kernel: kernel"):
+        mp.PILoT(model, 1e-3, include=[_Kernel, nn.MultiheadAttention, nn.Linear])
     assert not find_mirror_weights(model)
-    with pytest.warns(UserWarning, match=r"2 weight matrices \(112 parameters\) stay dense.*"
-                      r"rnn.weight_ih_l0 \(LSTM, 48\), rnn.weight_hh_l0 \(LSTM, 64\)\. include"):
+    with pytest.warns(UserWarning, match=r"1 weight matrix \(16 parameters\) stays dense.*"
+                      r"mine.kernel \(_Kernel, 16\)\. include"):
         pilot = mp.PILoT(model, 1e-3)  # the default selection takes attention and Linear
     assert [mw.name for mw in pilot.weights] == ["att.in_proj_weight", "att.out_proj.weight",
                                                  "fc.weight"]
 
 
-@pytest.mark.parametrize("kv", [None, (3, 5)])
-def test_attention_input_projections_are_mirrored(kv):
-    """MultiheadAttention's weights are its input projection (one in_proj_weight, or
-    q/k/v_proj_weight when keys and values have sizes of their own): wrapped as m ⊙ w with
-    m0² − w0² = β, the function kept (training and the eval fast path), copies and pickles
+def _attention(**kw):
+    att = nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+    kdim, vdim = kw.get("kdim", 8), kw.get("vdim", 8)
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 5, kdim), torch.randn(2, 5, vdim)
+    return att, lambda mod: mod(q, k, v)[0]
+
+
+def _recurrent(cls, **kw):
+    mod = cls(3, 6, **kw)
+    x = torch.randn(2, 5, 3) if issubclass(cls, nn.RNNBase) else torch.randn(2, 3)
+    return mod, lambda m: (lambda y: y[0] if isinstance(y, tuple) else y)(m(x))
+
+
+@pytest.mark.parametrize("make, names", [
+    (lambda: _attention(), ["in_proj_weight"]),
+    (lambda: _attention(kdim=3, vdim=5), ["q_proj_weight", "k_proj_weight", "v_proj_weight"]),
+    (lambda: _recurrent(nn.LSTM, num_layers=2, bidirectional=True, batch_first=True),
+     [f"weight_{k}_l{i}{d}" for i in (0, 1) for d in ("", "_reverse") for k in ("ih", "hh")]),
+    (lambda: _recurrent(nn.LSTM, proj_size=2), ["weight_ih_l0", "weight_hh_l0",
+                                                "weight_hr_l0"]),
+    (lambda: _recurrent(nn.GRU, bias=False), ["weight_ih_l0", "weight_hh_l0"]),
+    (lambda: _recurrent(nn.GRUCell), ["weight_ih", "weight_hh"]),
+], ids=["attention", "attention-kv", "lstm", "lstm-proj", "gru", "gru-cell"])
+def test_attention_and_recurrent_weights_are_mirrored(make, names):
+    """MultiheadAttention's input projection(s) and the recurrent layers' matrices (which an
+    RNN reads through its cached _flat_weights list) are wrapped as m ⊙ w with m0² − w0² = β:
+    the function kept (in training and eval mode), gradients reaching w, copies and pickles
     intact, collapsed back to the plain class with the original parameter names."""
     torch.manual_seed(0)
-    kdim, vdim = kv or (None, None)
-    att = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=vdim, batch_first=True)
-    names = ["in_proj_weight"] if kv is None else ["q_proj_weight", "k_proj_weight",
-                                                   "v_proj_weight"]
-    keys = list(att.state_dict())
-    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 5, kdim or 8), torch.randn(2, 5, vdim or 8)
-    before = {a: getattr(att, a).detach().clone() for a in names}
-    ys = [att.train()(q, k, v)[0], att.eval()(q, k, v)[0]]
-    pilot = mp.PILoT(att, 1e-3, beta=0.5)
-    assert [mw.name for mw in pilot.weights] == [*names, "out_proj.weight"]
-    assert isinstance(att, nn.MultiheadAttention) and mirrored_names(att) == tuple(names)
+    mod, run = make()
+    base, keys = type(mod), list(mod.state_dict())
+    before = {a: getattr(mod, a).detach().clone() for a in names}
+    ys = [run(mod.train()), run(mod.eval())]
+    pilot = mp.PILoT(mod, 1e-3, beta=0.5)
+    assert [mw.name for mw in pilot.weights][:len(names)] == names
+    assert mirrored_names(mod) == tuple(names) and isinstance(mod, base)
     for a in names:
-        m, w = att._parameters[a + "_m"], att._parameters[a + "_w"]
+        m, w = mod._parameters[a + "_m"], mod._parameters[a + "_w"]
         torch.testing.assert_close(m * w, before[a])
         torch.testing.assert_close(m * m - w * w, torch.full_like(m, 0.5))
     with torch.no_grad():
-        for y, mode in zip(ys, (att.train, att.eval)):
-            torch.testing.assert_close(mode()(q, k, v)[0], y)
-            torch.testing.assert_close(copy.deepcopy(att)(q, k, v)[0], y)
-            torch.testing.assert_close(pickle.loads(pickle.dumps(att))(q, k, v)[0], y)
-    att.train()(q, k, v)[0].sum().backward()
-    assert all(att._parameters[a + "_w"].grad is not None for a in names)
+        for y, mode in zip(ys, (mod.train, mod.eval)):
+            mode()
+            torch.testing.assert_close(run(mod), y)
+            torch.testing.assert_close(run(copy.deepcopy(mod)), y)
+            torch.testing.assert_close(run(pickle.loads(pickle.dumps(mod))), y)
+    run(mod.train()).sum().backward()
+    assert all(mod._parameters[a + "_w"].grad is not None for a in names)
     plain = pilot.finalize(0.5)
-    assert type(plain) is nn.MultiheadAttention and list(plain.state_dict()) == keys
+    assert type(plain) is base and list(plain.state_dict()) == keys
     assert mp.sparsity_report(plain).sparsity == pytest.approx(0.5, abs=0.01)
+    with torch.no_grad():  # the plain model computes with its own Parameters
+        for a in names:
+            getattr(plain, a).zero_()
+        assert not torch.allclose(run(plain), run(mod))
 
 
 def test_the_default_selection_says_once_which_matrices_it_leaves_dense(monkeypatch):

@@ -28,11 +28,11 @@ from torch import nn
 from .errors import UsageError, check_number
 
 #: Module types whose weights are reparametrized by default (SPEC §2.1: Linear and Conv*, the
-#: transposed ones included): no biases, no norms. MultiheadAttention's own weights are its
-#: input projection(s): `weight_names`.
+#: transposed ones included; the recurrent layers' matrices are Linear maps too): no biases, no
+#: norms. `weight_names` says which tensors of a module are its weights.
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-    nn.ConvTranspose3d, nn.MultiheadAttention)
+    nn.ConvTranspose3d, nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)
 
 Selector = Sequence[type[nn.Module] | str] | Callable[[nn.Module, str], bool] | None
 
@@ -95,7 +95,28 @@ def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
 
 def _reduce_ex(self: nn.Module, protocol: int):
     # Dynamic classes are not importable: pickle/deepcopy rebuild them from (base, names).
-    return _rebuild, (self._mirror_base, self._mirror_names), self.__getstate__()
+    # An RNN keeps its weights in a list (_flat_weights), here products with autograd history,
+    # which deepcopy refuses: the copy gets them detached and recomputes them on its forward.
+    state = {k: _detached(v) for k, v in self.__getstate__().items()}
+    return _rebuild, (self._mirror_base, self._mirror_names), state
+
+
+def _non_leaf(v: object) -> bool:
+    return isinstance(v, torch.Tensor) and not v.is_leaf
+
+
+def _detached(v: object) -> object:
+    """`v` with a non-leaf tensor, or those in a list (an RNN's _flat_weights), detached."""
+    if _non_leaf(v):
+        return v.detach()  # type: ignore[union-attr]
+    if isinstance(v, list) and any(_non_leaf(t) for t in v):
+        return [t.detach() if _non_leaf(t) else t for t in v]
+    return v
+
+
+def _no_flatten(self: nn.Module) -> None:
+    """m ⊙ w is computed anew at each forward: there are no weights to flatten in place for
+    cuDNN (which would rewrite those products' storage)."""
 
 
 def _mirror_class(base: type, names: tuple[str, ...]) -> type:
@@ -103,6 +124,8 @@ def _mirror_class(base: type, names: tuple[str, ...]) -> type:
     if key not in _CLASSES:
         ns: dict[str, object] = {n: _product_property(n) for n in names}
         ns.update(_mirror_base=base, _mirror_names=names, __reduce_ex__=_reduce_ex)
+        if issubclass(base, nn.RNNBase):
+            ns["flatten_parameters"] = _no_flatten
         ns["__module__"] = base.__module__
         _CLASSES[key] = type(base.__name__, (base,), ns)
     return _CLASSES[key]
@@ -136,12 +159,19 @@ def _matches(module: nn.Module, name: str, pattern: type | str) -> bool:
 
 
 def weight_names(module: nn.Module) -> tuple[str, ...]:
-    """The attribute names of a module's prunable weights: `weight`, or for MultiheadAttention
+    """The attribute names of a module's prunable weights: `weight`; for MultiheadAttention
     its input projection (`in_proj_weight`, or q/k/v_proj_weight when key and value have their
-    own sizes); its out_proj is an nn.Linear of its own."""
-    if issubclass(_base_class(module), nn.MultiheadAttention):
+    own sizes; its out_proj is an nn.Linear of its own); for RNN/LSTM/GRU every layer's and
+    direction's weight_ih, weight_hh (and LSTM's weight_hr) matrices; for their cells
+    weight_ih and weight_hh."""
+    base = _base_class(module)
+    if issubclass(base, nn.MultiheadAttention):
         return (("in_proj_weight",) if module._qkv_same_embed_dim
                 else ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+    if issubclass(base, nn.RNNBase):
+        return tuple(n for n in module._flat_weights_names if n.startswith("weight_"))
+    if issubclass(base, nn.RNNCellBase):
+        return ("weight_ih", "weight_hh")
     return ("weight",)
 
 
@@ -179,22 +209,24 @@ def select_weights(
     unsupported = [(n, mod) for n, mod in chosen if not _prunable(mod)
                    and any(isinstance(p, nn.Parameter) for p in mod._parameters.values())]
     if include is not None and unsupported:
-        # asked for explicitly, but their weights are not a `weight` Parameter (e.g. nn.LSTM's
-        # weight_ih_l0): say so rather than skip them
+        # asked for explicitly, but their weights are not a `weight` Parameter (e.g. a custom
+        # layer's `kernel`): say so rather than skip them
         shown = ", ".join(f"{n or '<root>'} ({type(m).__name__}: "
                           f"{', '.join(list(m._parameters)[:3])})" for n, m in unsupported[:5])
         raise UsageError(
             f"include selects modules PILoT cannot reparametrize: {shown}. Supported are modules "
             "whose weight is a Parameter named `weight` (nn.Linear, nn.Conv*, nn.Embedding, "
-            "...) and nn.MultiheadAttention; leave these out of include, or exclude them")
+            "...), nn.MultiheadAttention and the recurrent layers; leave these out of include, "
+            "or exclude them")
     refs, tied = _untie(named, [WeightRef(n, mod, a) for n, mod in chosen if _prunable(mod)
                                 for a in weight_names(mod)], include, excl)
     left = _left_dense(named, refs + tied, excl) if include is None else None
     if not refs:
         raise UsageError(
-            "include/exclude select no prunable weight (a module with a `weight` parameter, or "
-            "nn.MultiheadAttention; default: nn.Linear, nn.Conv* and nn.MultiheadAttention). "
-            "Pass include=[...] with module types or name globs; "
+            "include/exclude select no prunable weight (a module with a `weight` parameter, "
+            "nn.MultiheadAttention or a recurrent layer; default: `DEFAULT_TYPES`, nn.Linear, "
+            "nn.Conv*, nn.MultiheadAttention, RNN/LSTM/GRU and their cells). Pass "
+            "include=[...] with module types or name globs; "
             f"{_names_hint(named)}{'. ' + left if left else ''}"
         )
     if left:
@@ -264,9 +296,9 @@ def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
                 excl: tuple) -> str | None:
     """What to say about the matrices the default selection (`refs`, and the weights `_untie`
     already named) leaves dense without being asked to, if any: those of other module types
-    (a layer of the user's own: include=[...] takes them) and those not named `weight`,
-    which cannot be reparametrized (RNN weights). Embeddings are left out by design (SPEC
-    §2.1); a selected module's other tensors (biases) by definition."""
+    (a layer of the user's own: include=[...] takes it if its matrix is a Parameter named
+    `weight`). Embeddings are left out by design (SPEC §2.1); a selected module's other
+    tensors (biases) by definition."""
     # a selected or excluded module's submodules too: a parametrization's `original`
     quiet = [ref.module for ref in refs] + [m for n, m in named
                                             if any(_matches(m, n, e) for e in excl)]
@@ -282,10 +314,10 @@ def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
     return (
         f"{len(left)} weight {'matrix' if len(left) == 1 else 'matrices'} ({total:,} "
         f"parameters) stay{'s' if len(left) == 1 else ''} dense, outside the default "
-        "selection (nn.Linear, nn.Conv*, nn.MultiheadAttention): "
+        "selection (nn.Linear, nn.Conv*, nn.MultiheadAttention, RNN/LSTM/GRU): "
         f"{_listed([f'{q} ({t}, {k:,})' for q, t, k in left])}. include=[...] adds other "
-        "module types whose weight is a Parameter named `weight`; parameters under other names "
-        "(RNN weights) cannot be reparametrized. exclude=[...] silences this for the modules "
+        "module types whose weight is a Parameter named `weight`; a module's parameters under "
+        "other names cannot be reparametrized. exclude=[...] silences this for the modules "
         "named")
 
 
@@ -339,16 +371,16 @@ def _refuse_managed(chosen: list[tuple[str, nn.Module]]) -> None:
 
 
 def safe_deepcopy(model: nn.Module) -> nn.Module:
-    """copy.deepcopy that also works when a module holds a non-leaf tensor as an attribute
-    (weight_norm / spectral_norm hooks leave the computed weight there after a forward pass,
-    and deepcopy refuses such tensors): the copy gets it detached, and its hook recomputes it on
-    the next forward."""
+    """copy.deepcopy that also works when a module holds non-leaf tensors as attributes
+    (weight_norm / spectral_norm hooks leave the computed weight there after a forward pass;
+    an RNN keeps its parametrized weights in a list), which deepcopy refuses: the copy gets
+    them detached, and its hook or forward recomputes them."""
     stash = []
     for mod in model.modules():
         for k, v in list(vars(mod).items()):
-            if isinstance(v, torch.Tensor) and not v.is_leaf:
+            if (d := _detached(v)) is not v:
                 stash.append((mod, k, v))
-                mod.__dict__[k] = v.detach()
+                mod.__dict__[k] = d
     try:
         return copy.deepcopy(model)
     finally:
