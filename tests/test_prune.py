@@ -65,6 +65,18 @@ def test_ties_are_broken_deterministically_and_counts_stay_exact():
     assert masks["a"].tolist() == [False] * 4 + [True] and masks["b"].all()
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=60), st.floats(0, 0.999),
+       st.sampled_from([torch.float32, torch.bfloat16]))
+def test_masks_remove_the_first_k_of_a_stable_sort(values, sparsity, dtype):
+    """The definition, ties (many here) included: the k smallest magnitudes, equal ones in
+    index order, as the first k of a stable argsort."""
+    mag = torch.tensor(values, dtype=dtype)
+    keep = torch.ones(len(values), dtype=torch.bool)
+    keep[torch.argsort(mag, stable=True)[:round(sparsity * len(values))]] = False
+    assert torch.equal(mp.magnitude_masks({"x": mag}, sparsity)["x"], keep)
+
+
 def test_finalize_twice_and_inplace():
     model = _net()
     pilot = mp.PILoT(model, 1e-3)

@@ -70,15 +70,20 @@ def pruned_mass(tensors: Mapping[str, torch.Tensor], sparsity: float) -> float:
     weights are already effectively that sparse."""
     flat = torch.cat([t.detach().abs().flatten().double() for t in tensors.values()])
     total = float(flat.sum())
-    k = round(check_sparsity(sparsity) * flat.numel())
-    return float(flat.sort().values[:k].sum()) / total if total > 0 else 0.0
+    removed = float(flat[~_keep_mask(flat, check_sparsity(sparsity))].sum())
+    return removed / total if total > 0 else 0.0
 
 
 def _keep_mask(mag: torch.Tensor, sparsity: float) -> torch.Tensor:
+    # The k smallest, ties at the threshold taken in index order: what a stable argsort's
+    # first k are, in linear time and without an index per entry (large models).
     k = round(sparsity * mag.numel())
     keep = torch.ones(mag.numel(), dtype=torch.bool, device=mag.device)
     if k:
-        keep[torch.argsort(mag, stable=True)[:k]] = False
+        threshold = mag.kthvalue(k).values
+        below = mag < threshold
+        keep[below] = False
+        keep[torch.nonzero(mag == threshold).flatten()[: k - int(below.sum())]] = False
     return keep
 
 
