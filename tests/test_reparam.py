@@ -303,6 +303,12 @@ def test_model_without_prunable_weights_and_double_wrap():
     mp.PILoT(model, 1e-3)
     with pytest.raises(ValueError, match="already reparametrized"):
         mp.PILoT(model, 1e-3)
+    lazy = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"1.weight: not initialized yet .*call the model"):
+        mp.PILoT(lazy, 1e-3)
+    assert not find_mirror_weights(lazy)  # nothing wrapped halfway
+    lazy(torch.randn(1, 3))
+    assert len(mp.PILoT(lazy, 1e-3).weights) == 2
 
 
 class _Scale(nn.Module):

@@ -220,6 +220,11 @@ def select_weights(
             "or exclude them")
     refs, tied = _untie(named, [WeightRef(n, mod, a) for n, mod in chosen if _prunable(mod)
                                 for a in weight_names(mod)], include, excl)
+    lazy = [ref.name for ref in refs if nn.parameter.is_lazy(ref.module._parameters.get(ref.attr))]
+    if lazy:
+        raise UsageError(
+            f"{_listed(lazy)}: not initialized yet (a Lazy module): call the model on one "
+            "batch first, so that its weights have their shapes and values")
     left = _left_dense(named, refs + tied, excl) if include is None else None
     if not refs:
         raise UsageError(
