@@ -405,6 +405,21 @@ def test_transformer_encoder_exports_under_no_grad():
                                        and d.shape == (96, 32) for d in attention)
 
 
+def test_the_report_names_every_prunable_weight():
+    """Layers without a sparse kernel here (Conv1d, transposed convolutions, recurrent layers,
+    attention's input projection) stay dense and the report says so, with their sparsity."""
+    model = nn.ModuleDict({"conv": nn.Conv1d(2, 4, 3), "up": nn.ConvTranspose2d(4, 2, 2),
+                           "rnn": nn.GRU(4, 4), "fc": nn.Linear(4, 2)})
+    pruned = mp.prune(model, 0.9, scope="layer")
+    _, report = mp.export_sparse(pruned, report=True, min_sparsity=0.5)
+    rows = {d.name: d for d in report}
+    assert set(rows) == {"conv", "up", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "fc"}
+    assert all(rows[n].sparsity == pytest.approx(0.9, abs=0.05) for n in rows)
+    gru = rows["rnn.weight_hh_l0"]
+    assert gru.reason == "GRU: no sparse kernel (nn.Linear and nn.Conv2d have one)"
+    assert not gru.sparse and rows["fc"].sparse
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 7, 16, 64])
 def test_low_precision_export_at_every_batch_size(dtype, batch):

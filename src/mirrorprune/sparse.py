@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import UsageError
 from .files import atomic_write, load_torch
-from .reparam import find_mirror_weights, safe_deepcopy, weight_names
+from .reparam import DEFAULT_TYPES, find_mirror_weights, safe_deepcopy, weight_names
 
 # Measured on 2 CPU cores (benchmarks/results/inference): sparse pays from about this sparsity on.
 MIN_SPARSITY = 0.8
@@ -178,8 +178,7 @@ def gather_product(csr: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ExportDecision:
-    """What `export_sparse` did with one weight (a Linear or Conv2d layer's, an attention input
-    projection), and why."""
+    """What `export_sparse` did with one prunable weight, and why."""
 
     name: str
     shape: tuple[int, ...]
@@ -223,8 +222,8 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
     layers compute with the gather kernel at every batch size (torch's CSR product has no such
     CPU kernel). For inference: the sparse layers hold buffers, not trainable parameters; the
     exported model may be called from several threads at once. `report=True` also returns an
-    `ExportReport` saying for each Linear and Conv2d layer (and attention input projection)
-    which form it got and why.
+    `ExportReport` saying for each prunable weight (`DEFAULT_TYPES`) which form it got and
+    why.
     """
     if min_sparsity is not None and not 0 <= min_sparsity <= 1:
         raise UsageError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
@@ -239,14 +238,15 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
     decisions: dict[int, ExportDecision] = {}
     chosen = []
     for owner_name, mod in out.named_modules():
-        if isinstance(mod, nn.MultiheadAttention):  # its input projection is no nn.Linear
+        if isinstance(mod, DEFAULT_TYPES) and not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            # prunable, but with no sparse kernel here: say so, as for the layers that have one
             for a in weight_names(mod):
                 x = getattr(mod, a)
-                decisions[id(x)] = ExportDecision(
-                    f"{owner_name}.{a}" if owner_name else a, tuple(x.shape),
+                decisions[id(x)] = ExportDecision(  # named as layers are, by module
+                    owner_name if a == "weight" else f"{owner_name}.{a}".lstrip("."),
+                    tuple(x.shape),
                     (x == 0).float().mean().item(), False,
-                    "MultiheadAttention's input projection: its forward reads it as a dense "
-                    "tensor")
+                    f"{type(mod).__name__}: no sparse kernel (nn.Linear and nn.Conv2d have one)")
         for name, child in mod.named_children():
             if not isinstance(child, nn.Linear):
                 continue
