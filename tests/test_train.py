@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -172,3 +173,29 @@ def test_keep_large_blocks_is_a_noop_when_asked_and_says_so(monkeypatch):
     monkeypatch.delenv("MIRRORPRUNE_MALLOC")
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert keep_large_blocks() is True
+
+
+def test_a_run_that_learned_nothing_says_so():
+    """Constant logits (a zeroed, frozen output layer) answer one class: the run warns,
+    naming the method's non-default values; a run that learns does not."""
+    model = _net()
+    for p in model[-1].parameters():
+        p.requires_grad_(False).zero_()
+    with pytest.warns(UserWarning, match=r"l1: training accuracy .* no better than always "
+                      r"answering the most frequent class .*here: lam=0\.5\)"):
+        train(model, create_method("l1", lam=0.5), _tiny_data(), None,
+              TrainConfig(epochs=1, batch_size=16, lr=0.05), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log = train(_net(), create_method("dense"), _tiny_data(), None,
+                    TrainConfig(epochs=4, batch_size=16, lr=0.05), progress=False)
+    data = _tiny_data()
+    assert log[-1]["train_acc"] > torch.bincount(data.y).max() / len(data) + 0.02
+
+
+def test_class_counts_come_from_the_labels():
+    data = _tiny_data(n=90)
+    data.y = torch.arange(90) % 3  # three classes, 30 each
+    assert data.num_classes == 3
+    sub = data.subset(30)
+    assert len(sub) == 30 and torch.bincount(sub.y).tolist() == [10, 10, 10]

@@ -75,7 +75,8 @@ class ImageData:
 
     @property
     def num_classes(self) -> int:
-        return 10
+        """Classes 0 … max label (the labels are class indices)."""
+        return int(self.y.max()) + 1 if len(self.y) else 0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -90,12 +91,14 @@ class ImageData:
         return replace(self, x=self.x.to(device), y=self.y.to(device))
 
     def subset(self, n: int, seed: int = 0) -> ImageData:
-        """A fixed class-balanced subset of n examples (for CPU budgets)."""
+        """A fixed class-balanced subset of n examples (for CPU budgets): n // classes of each
+        class present (all of a class with fewer)."""
         if n >= len(self):
             return self
         g = torch.Generator().manual_seed(seed)
-        idx = torch.cat([c[torch.randperm(len(c), generator=g)[: n // 10]]
-                         for c in (torch.nonzero(self.y == k).flatten() for k in range(10))])
+        classes = self.y.unique()
+        idx = torch.cat([c[torch.randperm(len(c), generator=g)[: n // len(classes)]]
+                         for c in (torch.nonzero(self.y == k).flatten() for k in classes)])
         idx = idx.sort().values
         return ImageData(self.name, self.x[idx], self.y[idx], self.mean, self.std, self.augment)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,7 +219,30 @@ def train(
         t0 = time.time()
         row = train_epoch(run, train_data, epoch, progress)
         finish_epoch(run, test_data, epoch, row, t0, progress)
+    _warn_if_unlearned(run, train_data)
     return run.history
+
+
+def _warn_if_unlearned(run: Run, data: ImageData) -> None:
+    """Say so when the last epoch's training accuracy is no better than always answering the
+    most frequent class: the table would only show chance-level numbers."""
+    if not run.history or run.rank != 0 or not len(data):
+        return
+    acc = run.history[-1]["train_acc"]
+    majority = float(torch.bincount(data.y.cpu()).max()) / len(data)
+    if acc <= majority + 0.02:
+        method = run.method
+        hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in method.hp.items() if v != method.defaults[k])
+        warnings.warn(
+            f"{method.name}: training accuracy {acc:.1%} after {len(run.history)} epochs is "
+            f"no better than always answering the most frequent class ({majority:.1%}): the "
+            "model learned nothing. A penalty, strength or sparsity target too strong for this "
+            f"budget does this (here: {hp or 'the defaults'}), as does a learning rate too "
+            f"large; `mirrorprune tune --method {method.name} --grid KEY=...` chooses them on "
+            "a validation split"
+            + (" (PILoT's strength acts over flow time: a short run needs a smaller one)."
+               if "strength" in method.hp else "."), stacklevel=3)
 
 
 def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: TrainConfig,
