@@ -12,7 +12,7 @@ from torch import nn
 import mirrorprune as mp
 import mirrorprune.reparam
 from conftest import TiedNet, conv_net
-from mirrorprune.reparam import find_mirror_weights, mirrored_names
+from mirrorprune.reparam import find_mirror_weights, mirrored_names, select_weights
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 1.0, 5.0])
@@ -166,6 +166,21 @@ def test_include_exclude_selection():
     assert [mw.name for mw in pred.weights] == ["0.weight"]
     bn = mp.PILoT(copy.deepcopy(model), 0.0, include=["1"])  # explicit opt-in is allowed
     assert [mw.name for mw in bn.weights] == ["1.weight"]
+
+
+def test_a_pattern_stands_for_the_part_of_the_model_it_names():
+    """A name glob or type covers the modules inside what it names: excluding a block keeps
+    its layers dense (it used to match only the container, which has no weight, and did
+    nothing); including one takes its layers of the default types (not its BatchNorm)."""
+    block = nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2))
+    model = nn.Sequential(block, nn.Flatten(), nn.Linear(2, 3))
+    assert [r.name for r in select_weights(model, exclude=("0",))] == ["2.weight"]
+    assert [r.name for r in select_weights(model, include=("0",))] == ["0.0.weight"]
+    layer = nn.TransformerEncoderLayer(8, 2, 16)
+    assert [r.name for r in select_weights(layer, exclude=[nn.MultiheadAttention])] == [
+        "linear1.weight", "linear2.weight"]
+    assert [r.name for r in select_weights(layer, include=["self_attn"])] == [
+        "self_attn.in_proj_weight", "self_attn.out_proj.weight"]
 
 
 @pytest.mark.parametrize("kwargs, match", [

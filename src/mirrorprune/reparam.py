@@ -190,6 +190,8 @@ def select_weights(
         `fn(module, name) -> bool` (torchao's filter_fn).
     exclude: types and/or name globs removed from that selection (e.g. ("conv1", "fc") keeps the
         first and last layer of a ResNet dense).
+    A type or glob covers the modules inside the ones it names: an excluded block's layers are
+    excluded; an included block's layers of `DEFAULT_TYPES` are included.
     A module's weights are those `weight_names` gives. Modules that already carry the
     reparametrization count by their original class.
     """
@@ -201,10 +203,13 @@ def select_weights(
     else:
         patterns = _as_tuple(include) or DEFAULT_TYPES
         _check_patterns(patterns, named, "include")
-        chosen = [(n, mod) for n, mod in named if any(_matches(mod, n, p) for p in patterns)]
+        named_by, inside = _within(named, patterns)
+        chosen = [(n, mod) for n, mod in named if id(mod) in named_by
+                  or (id(mod) in inside and isinstance(mod, DEFAULT_TYPES))]
     excl = _as_tuple(exclude)
     _check_patterns(excl, named, "exclude")
-    chosen = [(n, mod) for n, mod in chosen if not any(_matches(mod, n, p) for p in excl)]
+    gone = set().union(*_within(named, excl))
+    chosen = [(n, mod) for n, mod in chosen if id(mod) not in gone]
     _refuse_managed(chosen)
     unsupported = [(n, mod) for n, mod in chosen if not _prunable(mod)
                    and any(isinstance(p, nn.Parameter) for p in mod._parameters.values())]
@@ -219,13 +224,13 @@ def select_weights(
             "...), nn.MultiheadAttention and the recurrent layers; leave these out of include, "
             "or exclude them")
     refs, tied = _untie(named, [WeightRef(n, mod, a) for n, mod in chosen if _prunable(mod)
-                                for a in weight_names(mod)], include, excl)
+                                for a in weight_names(mod)], include is not None, gone)
     lazy = [ref.name for ref in refs if nn.parameter.is_lazy(ref.module._parameters.get(ref.attr))]
     if lazy:
         raise UsageError(
             f"{_listed(lazy)}: not initialized yet (a Lazy module): call the model on one "
             "batch first, so that its weights have their shapes and values")
-    left = _left_dense(named, refs + tied, excl) if include is None else None
+    left = _left_dense(named, refs + tied, gone) if include is None else None
     if not refs:
         raise UsageError(
             "include/exclude select no prunable weight (a module with a `weight` parameter, "
@@ -239,6 +244,16 @@ def select_weights(
     return refs
 
 
+def _within(named: list[tuple[str, nn.Module]], patterns: tuple) -> tuple[set[int], set[int]]:
+    """The ids of the modules `patterns` name, and of the modules inside those: a name glob
+    or type stands for a part of the model (exclude=("layers.0",) keeps that block's layers
+    dense; include=[nn.MultiheadAttention] takes its out_proj too)."""
+    named_by = {id(m) for n, m in named if any(_matches(m, n, p) for p in patterns)}
+    inside = {id(sub) for _, m in named if id(m) in named_by for sub in m.modules()
+              if sub is not m}
+    return named_by, inside
+
+
 def _check_patterns(patterns: tuple, named: list[tuple[str, nn.Module]], what: str) -> None:
     for p in patterns:
         if not isinstance(p, (str, type)):
@@ -247,8 +262,8 @@ def _check_patterns(patterns: tuple, named: list[tuple[str, nn.Module]], what: s
             raise UsageError(f"{what} pattern {p!r} matches no module; {_names_hint(named)}")
 
 
-def _untie(named: list[tuple[str, nn.Module]], refs: list[WeightRef], include: Selector,
-           excl: tuple) -> tuple[list[WeightRef], list[WeightRef]]:
+def _untie(named: list[tuple[str, nn.Module]], refs: list[WeightRef], explicit: bool,
+           excluded: set[int]) -> tuple[list[WeightRef], list[WeightRef]]:
     """(`refs` without the weights tied to a tensor outside them, those weights): one
     Parameter cannot be both m ⊙ w and dense, nor pruned in one place only. A language model's
     output layer tied to its input embedding (outside the default selection) stays dense with
@@ -266,8 +281,7 @@ def _untie(named: list[tuple[str, nn.Module]], refs: list[WeightRef], include: S
         outside = [h for h in holders.get(id(p), []) if (id(h.module), h.attr) not in inside]
         if not outside:
             kept.append(ref)
-        elif include is not None or any(_matches(h.module, h.module_name, e)
-                                        for h in outside for e in excl):
+        elif explicit or any(id(h.module) in excluded for h in outside):
             raise UsageError(
                 f"{ref.name!r} is tied to {outside[0].name!r}, which is not selected; include "
                 "or exclude both modules so the tie is kept")
@@ -298,16 +312,14 @@ def _warn_once(message: str) -> None:
 
 
 def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
-                excl: tuple) -> str | None:
+                excluded: set[int]) -> str | None:
     """What to say about the matrices the default selection (`refs`, and the weights `_untie`
     already named) leaves dense without being asked to, if any: those of other module types
     (a layer of the user's own: include=[...] takes it if its matrix is a Parameter named
     `weight`). Embeddings are left out by design (SPEC §2.1); a selected module's other
     tensors (biases) by definition."""
-    # a selected or excluded module's submodules too: a parametrization's `original`
-    quiet = [ref.module for ref in refs] + [m for n, m in named
-                                            if any(_matches(m, n, e) for e in excl)]
-    taken = {id(sub) for mod in quiet for sub in mod.modules()}
+    # a selected module's submodules too: a parametrization's `original`
+    taken = {id(sub) for ref in refs for sub in ref.module.modules()} | excluded
     left = [(f"{n}.{pn}" if n else pn, type(mod).__name__, p.numel())
             for n, mod in named
             if id(mod) not in taken
