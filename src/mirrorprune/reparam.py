@@ -185,8 +185,8 @@ def select_weights(
 ) -> list[WeightRef]:
     """The prunable weights of the selected modules, in `named_modules` order.
 
-    include: None (`DEFAULT_TYPES`: nn.Linear, nn.Conv*, nn.MultiheadAttention), a sequence
-        of module types and/or fnmatch globs on module names, or a predicate
+    include: None (`DEFAULT_TYPES`: nn.Linear, nn.Conv*, nn.MultiheadAttention, the recurrent
+        layers), a sequence of module types and/or fnmatch globs on module names, or a predicate
         `fn(module, name) -> bool` (torchao's filter_fn).
     exclude: types and/or name globs removed from that selection (e.g. ("conv1", "fc") keeps the
         first and last layer of a ResNet dense).
@@ -277,8 +277,9 @@ def _untie(named: list[tuple[str, nn.Module]], refs: list[WeightRef], explicit: 
     inside = {(id(ref.module), ref.attr) for ref in refs}
     kept, tied = [], []
     for ref in refs:
-        p = ref.module._parameters.get(ref.attr)  # absent when already m ⊙ w
-        outside = [h for h in holders.get(id(p), []) if (id(h.module), h.attr) not in inside]
+        p = ref.module._parameters.get(ref.attr)  # None when already m ⊙ w
+        outside = [h for h in holders.get(id(p), []) if p is not None
+                   and (id(h.module), h.attr) not in inside]
         if not outside:
             kept.append(ref)
         elif explicit or any(id(h.module) in excluded for h in outside):
