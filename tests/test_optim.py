@@ -423,3 +423,30 @@ def test_fused_momentum_and_update_equal_the_separate_steps(monkeypatch, kw, lr)
         assert (a - b).abs().max() <= tol * a.abs().max()
         assert (ma - mb).abs().max() <= tol * ma.abs().max()
     assert e_opt.stats() == f_opt.stats()
+
+
+def test_gpt2_is_sparsified_by_default(monkeypatch):
+    """Hugging Face's GPT-2 computes with its own Conv1D (weight stored transposed): the default
+    selection takes its attention and MLP layers; the output layer tied to the token embedding
+    stays dense with it, and says so."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import mirrorprune.reparam
+
+    monkeypatch.setattr(mirrorprune.reparam, "_SHOWN", set())
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    with pytest.warns(UserWarning, match=r"lm_head.weight \(tied to transformer.wte.weight\)"):
+        pilot = mp.PILoT(model, 1e-3)
+    assert [mw.name for mw in pilot.weights[:4]] == [
+        f"transformer.h.0.{n}.weight" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                "mlp.c_proj")] and len(pilot.weights) == 8
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    pilot.step(lr=0.1)
+    fresh = GPT2LMHeadModel(cfg)
+    fresh.load_state_dict(pilot.finalize(0.5).state_dict(), strict=True)
+    assert mp.sparsity_report(fresh).sparsity == pytest.approx(0.5, abs=1e-3)

@@ -43,9 +43,9 @@ class PILoT:
         schedule: a `mirrorprune.schedules` schedule, a number for a constant α, or None for
             `Strength()` (its horizon then comes from `attach(optimizer, horizon=...)`).
         beta: m0² − w0² (> 0 for PILoT; paper: 1.0).
-        include: None (`DEFAULT_TYPES`: Linear, Conv*, MultiheadAttention's input
-            projection, RNN/LSTM/GRU matrices), module types / name globs, or a predicate
-            fn(module, name).
+        include: None (`reparam.default_types()`: Linear, Conv*, MultiheadAttention's input
+            projection, RNN/LSTM/GRU matrices, Hugging Face's Conv1D), module types / name
+            globs, or a predicate fn(module, name).
         exclude: module types / name globs left dense (e.g. ("conv1", "fc")).
         track_mirror: accumulate L_t = Σ η ∇f(x) to report the mirror residual
             ‖∇R_{c_t}(x_t) + L_t‖ (SPEC §2.4); costs two extra copies of the weights and

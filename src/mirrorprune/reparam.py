@@ -34,6 +34,13 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
     nn.ConvTranspose3d, nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)
 
+
+def default_types() -> tuple[type[nn.Module], ...]:
+    """`DEFAULT_TYPES`, and Hugging Face's `Conv1D` (GPT-2's linear layers, their weight
+    stored transposed) when transformers is loaded: without it no model can hold one."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return DEFAULT_TYPES + (conv1d,) if isinstance(conv1d, type) else DEFAULT_TYPES
+
 Selector = Sequence[type[nn.Module] | str] | Callable[[nn.Module, str], bool] | None
 
 
@@ -185,13 +192,13 @@ def select_weights(
 ) -> list[WeightRef]:
     """The prunable weights of the selected modules, in `named_modules` order.
 
-    include: None (`DEFAULT_TYPES`: nn.Linear, nn.Conv*, nn.MultiheadAttention, the recurrent
-        layers), a sequence of module types and/or fnmatch globs on module names, or a predicate
-        `fn(module, name) -> bool` (torchao's filter_fn).
+    include: None (`default_types()`: nn.Linear, nn.Conv*, nn.MultiheadAttention, the
+        recurrent layers, Hugging Face's Conv1D), a sequence of module types and/or fnmatch
+        globs on module names, or a predicate `fn(module, name) -> bool` (torchao's filter_fn).
     exclude: types and/or name globs removed from that selection (e.g. ("conv1", "fc") keeps the
         first and last layer of a ResNet dense).
     A type or glob covers the modules inside the ones it names: an excluded block's layers are
-    excluded; an included block's layers of `DEFAULT_TYPES` are included.
+    excluded; an included block's layers of the default types are included.
     A module's weights are those `weight_names` gives. Modules that already carry the
     reparametrization count by their original class.
     """
@@ -201,11 +208,12 @@ def select_weights(
     if callable(include) and not isinstance(include, type):
         chosen = [(n, mod) for n, mod in named if include(mod, n)]
     else:
-        patterns = _as_tuple(include) or DEFAULT_TYPES
+        defaults = default_types()
+        patterns = _as_tuple(include) or defaults
         _check_patterns(patterns, named, "include")
         named_by, inside = _within(named, patterns)
         chosen = [(n, mod) for n, mod in named if id(mod) in named_by
-                  or (id(mod) in inside and isinstance(mod, DEFAULT_TYPES))]
+                  or (id(mod) in inside and isinstance(mod, defaults))]
     excl = _as_tuple(exclude)
     _check_patterns(excl, named, "exclude")
     gone = set().union(*_within(named, excl))
@@ -234,8 +242,8 @@ def select_weights(
     if not refs:
         raise UsageError(
             "include/exclude select no prunable weight (a module with a `weight` parameter, "
-            "nn.MultiheadAttention or a recurrent layer; default: `DEFAULT_TYPES`, nn.Linear, "
-            "nn.Conv*, nn.MultiheadAttention, RNN/LSTM/GRU and their cells). Pass "
+            "nn.MultiheadAttention or a recurrent layer; default: nn.Linear, nn.Conv*, "
+            "nn.MultiheadAttention, RNN/LSTM/GRU and their cells, Hugging Face's Conv1D). Pass "
             "include=[...] with module types or name globs; "
             f"{_names_hint(named)}{'. ' + left if left else ''}"
         )
@@ -332,7 +340,7 @@ def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
     return (
         f"{len(left)} weight {'matrix' if len(left) == 1 else 'matrices'} ({total:,} "
         f"parameters) stay{'s' if len(left) == 1 else ''} dense, outside the default "
-        "selection (nn.Linear, nn.Conv*, nn.MultiheadAttention, RNN/LSTM/GRU): "
+        "selection (nn.Linear, nn.Conv*, nn.MultiheadAttention, RNN/LSTM/GRU, Conv1D): "
         f"{_listed([f'{q} ({t}, {k:,})' for q, t, k in left])}. include=[...] adds other "
         "module types whose weight is a Parameter named `weight`; a module's parameters under "
         "other names cannot be reparametrized. exclude=[...] silences this for the modules "

@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import UsageError
 from .files import atomic_write, load_torch
-from .reparam import DEFAULT_TYPES, find_mirror_weights, safe_deepcopy, weight_names
+from .reparam import default_types, find_mirror_weights, safe_deepcopy, weight_names
 
 # Measured on 2 CPU cores (benchmarks/results/inference): sparse pays from about this sparsity on.
 MIN_SPARSITY = 0.8
@@ -222,7 +222,7 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
     layers compute with the gather kernel at every batch size (torch's CSR product has no such
     CPU kernel). For inference: the sparse layers hold buffers, not trainable parameters; the
     exported model may be called from several threads at once. `report=True` also returns an
-    `ExportReport` saying for each prunable weight (`DEFAULT_TYPES`) which form it got and
+    `ExportReport` saying for each prunable weight (`default_types()`) which form it got and
     why.
     """
     if min_sparsity is not None and not 0 <= min_sparsity <= 1:
@@ -238,7 +238,7 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
     decisions: dict[int, ExportDecision] = {}
     chosen = []
     for owner_name, mod in out.named_modules():
-        if isinstance(mod, DEFAULT_TYPES) and not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if isinstance(mod, default_types()) and not isinstance(mod, (nn.Linear, nn.Conv2d)):
             # prunable, but with no sparse kernel here: say so, as for the layers that have one
             for a in weight_names(mod):
                 x = getattr(mod, a)
