@@ -199,3 +199,13 @@ def test_class_counts_come_from_the_labels():
     assert data.num_classes == 3
     sub = data.subset(30)
     assert len(sub) == 30 and torch.bincount(sub.y).tolist() == [10, 10, 10]
+
+
+def test_the_command_line_shows_its_warnings_as_one_paragraph(monkeypatch):
+    from mirrorprune.errors import MirrorpruneWarning, cli_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after
+    cli_warnings("mirrorprune oneshot")
+    assert warnings.formatwarning("it learned nothing", MirrorpruneWarning, "x.py", 3) == (
+        "mirrorprune oneshot: warning: it learned nothing\n")
+    assert "x.py:3: UserWarning: other" in warnings.formatwarning("other", UserWarning, "x.py", 3)

@@ -10,7 +10,7 @@ import sys
 
 from .allocator import keep_large_blocks
 from .config import add_arguments, from_args
-from .errors import UsageError
+from .errors import UsageError, cli_warnings
 from .files import write_json
 
 
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     run stopped by non-finite numbers returns 1; Ctrl-C returns 130. No tracebacks for those."""
     args = build_parser().parse_args(argv)
     keep_large_blocks()
+    cli_warnings(f"mirrorprune {args.command}")
     if args.func in (_compare, _iterative):
         from .train import init_distributed
 

@@ -8,10 +8,42 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../mirrorprune/
 
 
 class UsageError(ValueError):
     """A mistake in the input, with the problem and the fix in its message."""
+
+
+class MirrorpruneWarning(UserWarning):
+    """Something to know about a model or a run that does not stop it."""
+
+
+def warn_user(message: str) -> None:
+    """A MirrorpruneWarning attributed to the first caller outside this package (the user's
+    line), whichever entry point and depth it came through."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, MirrorpruneWarning, stacklevel=level)
+
+
+def cli_warnings(prefix: str) -> None:
+    """In this process, show MirrorpruneWarnings as the command line shows errors: one
+    paragraph, `PREFIX: warning: MESSAGE`, without a source line; other warnings as Python
+    does."""
+    python = warnings.formatwarning
+
+    def form(message, category, filename, lineno, line=None):  # noqa: ANN001 - warnings' API
+        if issubclass(category, MirrorpruneWarning):
+            return f"{prefix}: warning: {message}\n"
+        return python(message, category, filename, lineno, line)
+
+    warnings.formatwarning = form
 
 
 def check_number(value: object, what: str, low: float | None = None,

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .errors import UsageError, check_number
+from .errors import UsageError, check_number, warn_user
 
 #: Module types whose weights are reparametrized by default (SPEC §2.1: Linear and Conv*, the
 #: transposed ones included; the recurrent layers' matrices are Linear maps too): no biases, no
@@ -307,17 +305,12 @@ def _untie(named: list[tuple[str, nn.Module]], refs: list[WeightRef], explicit: 
 
 
 _SHOWN: set[str] = set()
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../mirrorprune/
 
 
 def _warn_once(message: str) -> None:
     if message not in _SHOWN:  # once: wrapping, pruning and export all select
         _SHOWN.add(message)
-        # attributed to the first caller outside this package, whichever entry point it used
-        frame, level = sys._getframe(0), 1
-        while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-            frame, level = frame.f_back, level + 1
-        warnings.warn(message, stacklevel=level)
+        warn_user(message)
 
 
 def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],

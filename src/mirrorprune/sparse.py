@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError
+from .errors import UsageError, warn_user
 from .files import atomic_write, load_torch
 from .reparam import default_types, find_mirror_weights, safe_deepcopy, weight_names
 
@@ -323,7 +323,7 @@ def _convert_convs(model: nn.Module, example_input: torch.Tensor | None, min_spa
     if example_input is None:
         return all_dense("convolutions are converted only with example_input (to time them)")
     if not sparse_conv.available():
-        warnings.warn(f"convolutions stay dense: {sparse_conv.INSTALL_HINT}", stacklevel=3)
+        warn_user(f"convolutions stay dense: {sparse_conv.INSTALL_HINT}")
         return all_dense(f"numba is not installed: {sparse_conv.INSTALL_HINT}")
     gm, why = fold_batchnorm(safe_deepcopy(model) if copy else model)
     if gm is None:  # (fuse traces before it changes anything)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from .distributed import (
     rank_world,
     sum_over_ranks,
 )
-from .errors import UsageError
+from .errors import UsageError, warn_user
 from .files import load_torch, save_torch, write_json, write_rows, write_text
 from .methods import Method
 from .provenance import provenance
@@ -219,7 +218,8 @@ def train(
         t0 = time.time()
         row = train_epoch(run, train_data, epoch, progress)
         finish_epoch(run, test_data, epoch, row, t0, progress)
-    _warn_if_unlearned(run, train_data)
+    if run.start < cfg.epochs:  # not when a finished run is only read back
+        _warn_if_unlearned(run, train_data)
     return run.history
 
 
@@ -234,7 +234,7 @@ def _warn_if_unlearned(run: Run, data: ImageData) -> None:
         method = run.method
         hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in method.hp.items() if v != method.defaults[k])
-        warnings.warn(
+        warn_user(
             f"{method.name}: training accuracy {acc:.1%} after {len(run.history)} epochs is "
             f"no better than always answering the most frequent class ({majority:.1%}): the "
             "model learned nothing. A penalty, strength or sparsity target too strong for this "
@@ -242,7 +242,7 @@ def _warn_if_unlearned(run: Run, data: ImageData) -> None:
             f"large; `mirrorprune tune --method {method.name} --grid KEY=...` chooses them on "
             "a validation split"
             + (" (PILoT's strength acts over flow time: a short run needs a smaller one)."
-               if "strength" in method.hp else "."), stacklevel=3)
+               if "strength" in method.hp else "."))
 
 
 def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: TrainConfig,

@@ -23,7 +23,7 @@ from ..ci import mean_ci, show
 from ..config import option
 from ..data import ImageData
 from ..distributed import is_main
-from ..errors import UsageError
+from ..errors import UsageError, cli_warnings
 from ..files import write_json, write_results_json, write_rows, write_text
 from ..methods import Method, create_method
 from ..models import create_model
@@ -165,6 +165,7 @@ def _worker(cfg: OneshotConfig, method: str, seed: int, out: Path, resume: bool,
             validation: float | None, sparsities: tuple[float, ...] | None,
             threads: int) -> None:
     keep_large_blocks()  # a fresh (spawned) process: glibc's defaults again
+    cli_warnings("mirrorprune")  # a worker has no line of the user's to point at
     torch.set_num_threads(threads)
     tr, te = load_data(cfg.dataset, preset(cfg.preset, cfg.dataset, cfg.model), cfg.data_dir,
                        validation=validation)
