@@ -222,8 +222,8 @@ def select_weights(
     if include is not None and unsupported:
         # asked for explicitly, but their weights are not a `weight` Parameter (e.g. a custom
         # layer's `kernel`): say so rather than skip them
-        shown = ", ".join(f"{n or '<root>'} ({type(m).__name__}: "
-                          f"{', '.join(list(m._parameters)[:3])})" for n, m in unsupported[:5])
+        shown = _listed([f"{n or '<root>'} ({type(m).__name__}: "
+                         f"{', '.join(list(m._parameters)[:3])})" for n, m in unsupported])
         raise UsageError(
             f"include selects modules PILoT cannot reparametrize: {shown}. Supported are modules "
             "whose weight is a Parameter named `weight` (nn.Linear, nn.Conv*, nn.Embedding, "
@@ -340,9 +340,10 @@ def _left_dense(named: list[tuple[str, nn.Module]], refs: list[WeightRef],
         "named")
 
 
-def _listed(items: list[str], most: int = 5) -> str:
-    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most
-                                      else "")
+def _listed(items: list[str], most: int = 5, sep: str = ", ") -> str:
+    """The first `most` items, and how many more there are: every list a message shows."""
+    return sep.join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most
+                                     else "")
 
 
 def _weight_manager(mod: nn.Module) -> str | None:
@@ -373,10 +374,9 @@ def _weight_manager(mod: nn.Module) -> str | None:
 def _refuse_managed(chosen: list[tuple[str, nn.Module]]) -> None:
     managed = [(n, why) for n, mod in chosen if (why := _weight_manager(mod))]
     if managed:
-        shown = "; ".join(f"{n or '<root>'}: {why}" for n, why in managed[:5])
+        shown = _listed([f"{n or '<root>'}: {why}" for n, why in managed], sep="; ")
         raise UsageError(
-            f"cannot reparametrize weights that are computed by {shown}"
-            f"{' ...' if len(managed) > 5 else ''}. Leave these modules out "
+            f"cannot reparametrize weights that are computed by {shown}. Leave these modules out "
             f"(exclude=[{', '.join(repr(n) for n, _ in managed[:3])}]), or make the weight a "
             "plain Parameter first (parametrize.remove_parametrizations, prune.remove, "
             "remove_weight_norm / remove_spectral_norm)")
@@ -384,7 +384,7 @@ def _refuse_managed(chosen: list[tuple[str, nn.Module]]) -> None:
               if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.sparse]
     if sparse:
         raise UsageError(
-            f"{', '.join(sparse[:5])}: embeddings with sparse=True produce sparse gradients, "
+            f"{_listed(sparse)}: embeddings with sparse=True produce sparse gradients, "
             "to which PILoT cannot add its decay; construct them with sparse=False or exclude "
             "them")
 
@@ -408,9 +408,8 @@ def safe_deepcopy(model: nn.Module) -> nn.Module:
 
 
 def _names_hint(named: list[tuple[str, nn.Module]]) -> str:
-    shown = [f"{n or '<root>'} ({type(m).__name__})" for n, m in named[:12]]
-    more = f", … ({len(named) - 12} more)" if len(named) > 12 else ""
-    return "the model's modules are: " + ", ".join(shown) + more
+    return "the model's modules are: " + _listed(
+        [f"{n or '<root>'} ({type(m).__name__})" for n, m in named], most=12)
 
 
 # ----------------------------------------------------------------------------------------------

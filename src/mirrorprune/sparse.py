@@ -236,9 +236,9 @@ def export_sparse(model: nn.Module, min_sparsity: float | None = None,
         copy=inplace)
     min_sparsity = MIN_SPARSITY if min_sparsity is None else min_sparsity
     decisions: dict[int, ExportDecision] = {}
-    chosen = []
+    chosen, prunable = [], default_types()
     for owner_name, mod in out.named_modules():
-        if isinstance(mod, default_types()) and not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if isinstance(mod, prunable) and not isinstance(mod, (nn.Linear, nn.Conv2d)):
             # prunable, but with no sparse kernel here: say so, as for the layers that have one
             for a in weight_names(mod):
                 x = getattr(mod, a)
