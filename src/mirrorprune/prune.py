@@ -217,7 +217,7 @@ def sparsity_report(
     """Exact zeros of each prunable weight (x = m ⊙ w for a wrapped model), tied ones once.
 
     For a wrapped model the rows are its reparametrized weights; otherwise the weights that
-    include/exclude select (default: Linear, Conv and MultiheadAttention layers).
+    include/exclude select (default: those of `reparam.default_types()`).
     """
     mirror: Sequence[MirrorWeight] = find_mirror_weights(model)
     if mirror and (include is not None or exclude):
