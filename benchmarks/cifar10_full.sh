@@ -13,6 +13,9 @@
 # then the fixed targets 90/95/98% at 2 seeds under the same budget: pilot aimed by its target
 # controller, gmp by its ramp, spred and str by the grid value their tune found best on
 # validation at each target (--aim-from; their built-in aim tables are MNIST's).
+# Each finished run keeps final.pt (its trained model, exported plain: ~1 MB), committed with
+# its logs and sweep, so the recalibrated table re-evaluates it without training; the six
+# seed-0 runs trained before final.pt was written are trained again (same seed) for that table.
 # About 30 hours of this 2-core machine (~45-80 min per 45-epoch run, two at a time);
 # resumable (rerun to continue), so it spans sessions.
 #

@@ -61,8 +61,16 @@ if [ -n "${BNRECAL:-}" ]; then
   mkdir -p "$OUT-bnrecal"
   for d in "$OUT"/runs/*/seed*; do
     rel=${d#"$OUT"/}
-    # (a run whose recalibrated results are kept, sweep.json without checkpoint, is done)
-    [ -f "$OUT-bnrecal/$rel/checkpoint.pt" ] || [ -f "$OUT-bnrecal/$rel/sweep.json" ] || { mkdir -p "$OUT-bnrecal/$rel" && cp "$d"/checkpoint.pt "$d"/config.json "$d"/log.* "$OUT-bnrecal/$rel/"; }
+    # copied already, or its recalibrated results kept (sweep.json): done
+    for f in final.pt checkpoint.pt sweep.json; do [ -f "$OUT-bnrecal/$rel/$f" ] && continue 2; done
+    # the trained model (final.pt; a checkpoint from before final.pt was written); a run kept
+    # without either is trained again there, with the same seed
+    for f in final.pt checkpoint.pt; do
+      if [ -f "$d/$f" ]; then
+        mkdir -p "$OUT-bnrecal/$rel" && cp "$d/$f" "$d"/config.json "$d"/log.* "$OUT-bnrecal/$rel/"
+        break
+      fi
+    done
   done
   # shellcheck disable=SC2086
   $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \

@@ -42,24 +42,41 @@ def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
 
 
 def test_finished_runs_kept_as_results_without_checkpoints(tmp_path, capsys):
-    """What is committed of a finished run (sweep.json, config.json, logs; not the checkpoint)
-    is enough to resume: the table is rebuilt without training. Anything that would need the
-    model again (another evaluation, another configuration) is refused, not trained over."""
+    """What is committed of a finished run (sweep.json, config.json, logs, final.pt; not the
+    checkpoint) is enough to resume: the table is rebuilt without training, and final.pt
+    evaluates the run again (the same rows; or after BatchNorm recalibration). Without
+    final.pt, anything that would need the model again is refused, not trained over."""
+    import json
     import shutil
 
     base = ["oneshot", "--dataset", "digits", "--methods", "dense,pilot", "--seeds", "1",
             "--epochs", "2", "--quiet"]
     first = tmp_path / "first"
     assert main([*base, "--out", str(first)]) == 0
+    assert (first / "runs/pilot/seed0/final.pt").exists()
     kept = tmp_path / "kept"
     shutil.copytree(first, kept, ignore=shutil.ignore_patterns("checkpoint.pt"))
     assert not list(kept.rglob("checkpoint.pt"))
     assert main([*base, "--out", str(kept), "--resume"]) == 0
     assert not list(kept.rglob("checkpoint.pt"))  # nothing was trained
     assert (kept / "oneshot.csv").read_text() == (first / "oneshot.csv").read_text()
+    for sweep in kept.rglob("sweep.json"):  # evaluated again from final.pt: the same rows
+        sweep.unlink()
+    assert main([*base, "--out", str(kept), "--resume"]) == 0
+    assert (kept / "oneshot.csv").read_text() == (first / "oneshot.csv").read_text()
+    recal = tmp_path / "recal"  # its own folder (other settings), the runs copied without sweeps
+    shutil.copytree(kept / "runs", recal / "runs", ignore=shutil.ignore_patterns("sweep.json"))
+    assert main([*base, "--out", str(recal), "--resume", "--bn-recalibrate"]) == 0
+    key = json.loads((recal / "runs/pilot/seed0/sweep.json").read_text())["key"]
+    assert key["bn_recalibrate"] and not list(recal.rglob("checkpoint.pt"))
     capsys.readouterr()
-    runs = tmp_path / "runs-only"  # the run folders alone: no folder-level settings to check
-    shutil.copytree(kept / "runs", runs / "runs")
+    other = tmp_path / "other"  # run folders only: the run's own record is what is compared
+    shutil.copytree(kept / "runs", other / "runs", ignore=shutil.ignore_patterns("sweep.json"))
+    assert main([*base, "--out", str(other), "--resume", "--weight-decay", "0.01"]) == 2
+    assert "final.pt was trained with another configuration" in capsys.readouterr().err
+    runs = tmp_path / "runs-only"  # results alone (no final.pt): nothing can be evaluated again
+    shutil.copytree(first / "runs", runs / "runs",
+                    ignore=shutil.ignore_patterns("checkpoint.pt", "final.pt"))
     for extra, msg in ([], "resume (--resume) to reuse them"),\
             (["--resume", "--bn-recalibrate"], "evaluated otherwise"),\
             (["--resume", "--weight-decay", "0.01"], "trained with another configuration"):

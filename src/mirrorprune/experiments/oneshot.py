@@ -1,8 +1,10 @@
 """One-shot pruning (paper Fig. 2): train each method, then prune globally by magnitude to
 1 − 0.8^k (k = 1..25) and to 80/90/95/98/99%, and evaluate test accuracy.
 
-Every (method, seed) run lives in OUT/runs/METHOD/seedN with its own checkpoint, logs and
-sweep.json, so an interrupted experiment resumes where it stopped and finished runs are reused.
+Every (method, seed) run lives in OUT/runs/METHOD/seedN with its own checkpoint, logs,
+final.pt (the trained model, exported plain: about the size of the model's weights) and
+sweep.json, so an interrupted experiment resumes where it stopped and finished runs are reused;
+a finished run kept without its (larger) checkpoint is evaluated again from final.pt.
 BatchNorm statistics are not recalibrated after pruning unless asked (`bn_recalibrate`), as in
 the paper.
 """
@@ -24,7 +26,14 @@ from ..config import option
 from ..data import ImageData
 from ..distributed import is_main
 from ..errors import UsageError, cli_warnings
-from ..files import write_json, write_results_json, write_rows, write_text
+from ..files import (
+    load_torch,
+    save_torch,
+    write_json,
+    write_results_json,
+    write_rows,
+    write_text,
+)
 from ..methods import Method, create_method
 from ..models import create_model
 from ..provenance import provenance
@@ -80,15 +89,21 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     key = {"bn_recalibrate": "train-augmentation" if cfg.bn_recalibrate else False,
            "test_size": len(te), "epochs": tcfg.epochs, "levels": levels,
            "hparams": json.loads(json.dumps(method.hp, default=str))}
-    if sweep_file.exists() and not (rundir / "checkpoint.pt").exists():
-        return _kept_results(rundir, key, run_config(tcfg, method, scale, cfg.dataset, None),
-                             method, resume)
-    history = train(model, method, tr, te, tcfg, rundir, resume=resume, progress=progress,
-                    lr_scale=scale)
+    final = rundir / "final.pt"
+    if not (rundir / "checkpoint.pt").exists() and (final.exists() or sweep_file.exists()):
+        config = run_config(tcfg, method, scale, cfg.dataset, None)
+        if not final.exists():
+            return _kept_results(rundir, key, config, method, resume)
+        plain, unpruned = _final_model(cfg, tr, rundir, config, method, resume)
+    else:
+        history = train(model, method, tr, te, tcfg, rundir, resume=resume,
+                        progress=progress, lr_scale=scale)
+        plain, unpruned = method.export(), history[-1]["test_acc"]
+        if is_main():  # the trained model, small: what is kept (committed) to evaluate again
+            save_torch(plain.state_dict(), final)
     cached = _cached_rows(sweep_file, key)
     if cached is not None:
         return cached
-    plain = method.export()
     rows = []
     for s in levels:
         pruned = prune(plain, s, exclude=cfg.exclude)
@@ -97,7 +112,7 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
         rows.append({"method": method_name, "seed": seed, "sparsity": s,
                      "actual_sparsity": sparsity_report(pruned, exclude=cfg.exclude).sparsity,
                      "accuracy": evaluate(pruned, te),
-                     "unpruned_accuracy": history[-1]["test_acc"]})
+                     "unpruned_accuracy": unpruned})
     if is_main():
         write_json(sweep_file, {"key": key, "rows": rows})
     return rows
@@ -109,6 +124,24 @@ def _cached_rows(sweep_file: Path, key: dict) -> list[dict] | None:
         return None
     cached = json.loads(sweep_file.read_text())
     return cached["rows"] if cached.get("key") == key else None
+
+
+def _final_model(cfg: OneshotConfig, tr: ImageData, rundir: Path, config: dict,
+                 method: Method, resume: bool) -> tuple[torch.nn.Module, float]:
+    """The trained model of a finished run kept as final.pt (without its checkpoint), and
+    its unpruned test accuracy (the last row of its log)."""
+    if not resume:
+        raise UsageError(f"{rundir} holds a finished run: resume (--resume) to reuse it, or "
+                         "choose another output folder")
+    if not recorded_config_matches(rundir, config, method):
+        raise UsageError(f"{rundir}/final.pt was trained with another configuration; use "
+                         "another output folder")
+    plain = create_model(cfg.model, 10, tr.shape)
+    plain.load_state_dict(load_torch(rundir / "final.pt", "trained model (final.pt)"))
+    if config["channels_last"]:  # as trained: the same convolution kernels evaluate it
+        plain.to(memory_format=torch.channels_last)
+    log = (rundir / "log.jsonl").read_text().splitlines()
+    return plain, json.loads(log[-1])["test_acc"]
 
 
 def _kept_results(rundir: Path, key: dict, config: dict, method: Method, resume: bool
