@@ -57,7 +57,14 @@ def test_finished_runs_kept_as_results_without_checkpoints(tmp_path, capsys):
     kept = tmp_path / "kept"
     shutil.copytree(first, kept, ignore=shutil.ignore_patterns("checkpoint.pt"))
     assert not list(kept.rglob("checkpoint.pt"))
+    # results from before a hyperparameter was added (it is at its default) are still these
+    sweep = kept / "runs/pilot/seed0/sweep.json"
+    older = json.loads(sweep.read_text())
+    del older["key"]["hparams"]["mass_tol"]
+    sweep.write_text(json.dumps(older))
+    (kept / "runs/pilot/seed0/final.pt").rename(kept / "final.pt")  # no model: reused, or error
     assert main([*base, "--out", str(kept), "--resume"]) == 0
+    (kept / "final.pt").rename(kept / "runs/pilot/seed0/final.pt")
     assert not list(kept.rglob("checkpoint.pt"))  # nothing was trained
     assert (kept / "oneshot.csv").read_text() == (first / "oneshot.csv").read_text()
     for sweep in kept.rglob("sweep.json"):  # evaluated again from final.pt: the same rows

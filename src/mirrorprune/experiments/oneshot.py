@@ -101,7 +101,7 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
         plain, unpruned = method.export(), history[-1]["test_acc"]
         if is_main():  # the trained model, small: what is kept (committed) to evaluate again
             save_torch(plain.state_dict(), final)
-    cached = _cached_rows(sweep_file, key)
+    cached = _cached_rows(sweep_file, key, method)
     if cached is not None:
         return cached
     rows = []
@@ -118,12 +118,16 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
     return rows
 
 
-def _cached_rows(sweep_file: Path, key: dict) -> list[dict] | None:
-    """The rows in `sweep_file` if it exists and was evaluated as `key` says, else None."""
+def _cached_rows(sweep_file: Path, key: dict, method: Method) -> list[dict] | None:
+    """The rows in `sweep_file` if it exists and was evaluated as `key` says, else None (a
+    hyperparameter added to the method since, at its default, changes nothing)."""
     if not sweep_file.exists():
         return None
     cached = json.loads(sweep_file.read_text())
-    return cached["rows"] if cached.get("key") == key else None
+    saved = cached.get("key", {})
+    defaults = json.loads(json.dumps(method.defaults, default=str))
+    saved = {**saved, "hparams": {**defaults, **saved.get("hparams", {})}}
+    return cached["rows"] if saved == key else None
 
 
 def _final_model(cfg: OneshotConfig, tr: ImageData, rundir: Path, config: dict,
@@ -152,7 +156,7 @@ def _kept_results(rundir: Path, key: dict, config: dict, method: Method, resume:
     if not resume:
         raise UsageError(f"{rundir} holds a finished run's results: resume (--resume) to reuse "
                          "them, or choose another output folder")
-    cached = _cached_rows(rundir / "sweep.json", key)
+    cached = _cached_rows(rundir / "sweep.json", key, method)
     if not recorded_config_matches(rundir, config, method):
         why = "it was trained with another configuration"
     elif cached is None:
