@@ -64,3 +64,28 @@ def test_target_controller_on_a_scripted_trace():
         S.TargetController(1.0, 0.8, 10, horizon=100).load_state_dict(c.state_dict())
     with pytest.raises(ValueError, match="target_sparsity"):
         S.TargetController(1.0, 1.0, 10)
+    with pytest.raises(ValueError, match="in_reach must be one of lower, hold"):
+        S.TargetController(1.0, 0.9, 10, in_reach="stop")
+
+
+def test_target_controller_holding_A_once_in_reach():
+    c = S.TargetController(1.0, target_sparsity=0.9, epochs=12, delta=2.0, mass_tol=0.1,
+                           horizon=100, lr=0.1, in_reach="hold")
+    trace = [  # (train_acc, mass_at_target) -> expected rate of A after the epoch
+        (0.50, 0.30, 2.0),   # not yet sparse: raise
+        (0.60, 0.05, 0.0),   # in reach: A held (no step adds to it)
+        (0.62, 0.08, 0.0),   # still in reach: held
+        (0.63, 0.20, 2.0),   # out of reach in the first half: resume at the held rate
+        (0.64, 0.20, 4.0),   # then raise again
+        (0.65, 0.50, 2.0),   # second half (epoch 6 of 12), not in reach: lower
+        (0.66, 0.01, 0.0),   # in reach: held
+    ]
+    for epoch, (acc, mass, expected) in enumerate(trace):
+        assert c.observe(epoch, acc, mass) == pytest.approx(expected)
+        assert c.delta(50) == pytest.approx(expected / 100)
+        assert c.history[-1]["rate"] == pytest.approx(expected)
+    # a resumed run continues held, with the rate it would resume at
+    d = S.TargetController(1.0, 0.9, 12, delta=2.0, mass_tol=0.1, horizon=100, lr=0.1,
+                           in_reach="hold")
+    d.load_state_dict(c.state_dict())
+    assert d.held and d.delta(50) == 0.0 and d.observe(7, 0.66, 0.5) == pytest.approx(1.0)

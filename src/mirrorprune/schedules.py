@@ -193,6 +193,7 @@ def as_schedule(schedule: Schedule | float | int) -> Schedule:
 DEFAULT_STRENGTH = 2**0.5
 DEFAULT_SHAPE = "cosine"
 SHAPES = ("geometric", "linear", "cosine")
+IN_REACH = ("lower", "hold")  # TargetController: what the rate does once the target is in reach
 
 LR = float | Callable[[int], float] | Any  # a number, k -> η_k, or a torch LR scheduler
 
@@ -340,20 +341,27 @@ class TargetController(_StrengthSchedule):
     training accuracy and `mass_at_target`, the fraction of ‖x‖₁ that pruning to the target
     would remove now:
 
-    - target in reach (mass_at_target ≤ `mass_tol`), or second half of training
-      (epoch ≥ epochs / 2): rate ← rate / delta, so the strength is turned off geometrically;
+    - target in reach (mass_at_target ≤ `mass_tol`): with `in_reach="lower"` (the paper's
+      rule) rate ← rate / delta, so the strength is turned off geometrically, which still adds
+      delta / (delta − 1) epochs' worth of the last rate to A; with `in_reach="hold"` the
+      strength stops at once (A held where it reached the target) and resumes at the same rate
+      if the model leaves reach in the first half;
+    - second half of training (epoch ≥ epochs / 2), target not in reach: rate ← rate / delta;
     - otherwise rate ← rate · delta while the training accuracy stays within `acc_tol` of its
       best so far, and the rate is held when it does not.
 
-    Sparsification lags the strength by epochs, so the rise must stop well before the model is
-    sparse (`mass_tol`); holding rather than lowering on an accuracy dip (the paper lowers it)
-    keeps the target in control. The rate stays in [0, rate_max].
+    Holding rather than lowering the rate on an accuracy dip (the paper lowers it) keeps the
+    target in control. The rate stays in [0, rate_max].
     """
 
     def __init__(self, rate_init: float, target_sparsity: float, epochs: int,
                  delta: float = 1.5, acc_tol: float = 0.01, mass_tol: float = 0.4,
-                 rate_max: float = 50.0, horizon: int | None = None, lr: LR | None = None):
+                 rate_max: float = 50.0, horizon: int | None = None, lr: LR | None = None,
+                 in_reach: str = "lower"):
         super().__init__(horizon, lr)
+        if in_reach not in IN_REACH:
+            raise UsageError(f"in_reach must be one of {', '.join(IN_REACH)}, got {in_reach!r}")
+        self.in_reach = in_reach
         self.rate_init = check_number(rate_init, "rate_init", low=0)
         self.target = check_number(target_sparsity, "target_sparsity", low=0, high=1,
                                    low_open=True, high_open=True)
@@ -362,34 +370,43 @@ class TargetController(_StrengthSchedule):
         self.acc_tol = check_number(acc_tol, "acc_tol", low=0)
         self.mass_tol = check_number(mass_tol, "mass_tol", low=0, high=1)
         self.rate_max = check_number(rate_max, "rate_max", low=0)
-        self.current, self.best_acc, self.seen = self.rate_init, -1.0, 0
+        self.current, self.best_acc, self.seen, self.held = self.rate_init, -1.0, 0, False
         self.history: list[dict[str, float]] = []
 
+    @property
+    def rate(self) -> float:
+        """The rate of A per unit of flow time now (0 while A is held at the target)."""
+        return 0.0 if self.held else self.current
+
     def delta(self, k: int) -> float:
-        return self.current * (self.tau(k + 1) - self.tau(k))
+        return self.rate * (self.tau(k + 1) - self.tau(k))
 
     def observe(self, epoch: int, train_acc: float, mass_at_target: float) -> float:
         """Update the rate after `epoch` (0-based) from its training accuracy and the fraction
         of ‖x‖₁ that pruning to the target would remove; returns the new rate."""
         self.best_acc = max(self.best_acc, train_acc)
         holds = train_acc >= self.best_acc - self.acc_tol
-        if mass_at_target <= self.mass_tol or epoch + 1 >= self.epochs / 2:
-            self.current /= self.delta_factor
-        elif holds:
-            self.current = min(self.rate_max, self.current * self.delta_factor)
+        in_reach = mass_at_target <= self.mass_tol
+        was_held, self.held = self.held, in_reach and self.in_reach == "hold"
+        if not self.held:
+            if in_reach or epoch + 1 >= self.epochs / 2:
+                self.current /= self.delta_factor
+            elif holds and not was_held:  # (leaving reach: resume at the held rate first)
+                self.current = min(self.rate_max, self.current * self.delta_factor)
         self.seen = epoch + 1
         self.history.append({"epoch": epoch + 1, "train_acc": train_acc,
-                             "mass_at_target": mass_at_target, "rate": self.current})
-        return self.current
+                             "mass_at_target": mass_at_target, "rate": self.rate})
+        return self.rate
 
     def config(self) -> dict[str, Any]:
         return {"rate_init": self.rate_init, "target_sparsity": self.target,
                 "epochs": self.epochs, "delta": self.delta_factor, "acc_tol": self.acc_tol,
-                "mass_tol": self.mass_tol, "rate_max": self.rate_max, "horizon": self.horizon}
+                "mass_tol": self.mass_tol, "rate_max": self.rate_max, "horizon": self.horizon,
+                "in_reach": self.in_reach}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "current": self.current, "best_acc": self.best_acc,
-                "seen": self.seen, "history": list(self.history)}
+                "seen": self.seen, "history": list(self.history), "held": self.held}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = super().state_dict()
@@ -397,6 +414,7 @@ class TargetController(_StrengthSchedule):
             raise UsageError(f"controller state {state} does not match this controller {mine}")
         self.current, self.best_acc = state["current"], state["best_acc"]
         self.seen, self.history = state["seen"], list(state["history"])
+        self.held = state.get("held", False)  # (absent from states saved before "hold")
 
 
 # ------------------------------------------------------------------ schedules by name
@@ -414,11 +432,11 @@ def _strength(total: float, epochs: int, horizon: int | None = None, lr: LR | No
 
 def _target(rate: float, epochs: int, target: float | None = None, delta: float = 1.5,
             acc_tol: float = 0.01, mass_tol: float = 0.4, horizon: int | None = None,
-            lr: LR | None = None) -> Schedule:
+            lr: LR | None = None, in_reach: str = "lower") -> Schedule:
     if target is None:
         raise UsageError("the target schedule needs a target sparsity (e.g. target=0.9)")
     return TargetController(rate, target, epochs, delta=delta, acc_tol=acc_tol,
-                            mass_tol=mass_tol, horizon=horizon, lr=lr)
+                            mass_tol=mass_tol, horizon=horizon, lr=lr, in_reach=in_reach)
 
 
 def _geometric(alpha: float, epochs: int, p: float | None = None, decay_to: float = 0.01
@@ -447,8 +465,8 @@ def from_name(name: str, value: float, epochs: int, steps_per_epoch: int, **opti
     """The per-step schedule `name` (see SCHEDULES) for a run of `epochs` epochs of
     `steps_per_epoch` steps: `value` is the total A (strength), the starting rate of A per unit
     of flow time (target) or α (the α schedules). `options` may hold more than the schedule
-    uses (lr, shape, p, decay_to, target, delta, acc_tol, mass_tol): each takes what it needs;
-    the horizon is epochs × steps_per_epoch."""
+    uses (lr, shape, p, decay_to, target, delta, acc_tol, mass_tol, in_reach): each takes what
+    it needs; the horizon is epochs × steps_per_epoch."""
     if name not in SCHEDULES:
         raise UsageError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     build, per_epoch = SCHEDULES[name]

@@ -173,6 +173,8 @@ class PilotMethod(DecayedMirror):
         mass_tol: float = hparam(0.4, "target: stop raising the rate once pruning to the target "
                                  "would remove this fraction of ‖x‖₁", low=0, high=1,
                                  low_open=True)
+        in_reach: str = hparam("lower", "target: once in reach, lower the rate by delta each "
+                               "epoch (the paper's) or hold A where it is", choices=S.IN_REACH)
 
         def check(self) -> None:
             if self.schedule == "target" and self.target is None:
@@ -197,7 +199,8 @@ class PilotMethod(DecayedMirror):
         return S.from_name(hp["schedule"], value, self.epochs, self.steps_per_epoch,
                            lr=self.lr_at, shape=hp["shape"], p=hp["p"],
                            decay_to=hp["decay_to"], target=hp["target"], delta=hp["delta"],
-                           acc_tol=hp["acc_tol"], mass_tol=hp["mass_tol"])
+                           acc_tol=hp["acc_tol"], mass_tol=hp["mass_tol"],
+                           in_reach=hp["in_reach"])
 
     @classmethod
     def aim(cls, target, epoch_lr):
