@@ -4,10 +4,12 @@ LeNet-300-100 on MNIST with the `cpu` preset budget (15 epochs, batch 128, lr 0.
 trained on the first 50k training images and scored on the last 10k, so the test set plays no
 part in the choice. Every grid point is exported at each target by exact global magnitude
 pruning. For methods whose training does not depend on the target (spred, STR) one run serves
-every target; PILoT's target controller is trained once per target.
+every target; PILoT's target controller is trained once per target. Rows accumulate in
+OUT/METHOD.csv over invocations (a grid point run again replaces its rows), and OUT/METHOD.json
+records each invocation.
 
     python benchmarks/calibrate_targets.py --method pilot \
-        --grid "schedule=target strength=0.5,1,2,4 delta=1.5 mass_tol=0.4"
+        --grid "schedule=target strength=1 delta=1.25,1.5 in_reach=hold mass_tol=0.25,0.4"
     python benchmarks/calibrate_targets.py --method spred --grid "alpha=1e-4,3e-4,1e-3,3e-3"
     python benchmarks/calibrate_targets.py --method str --grid "s_init=-3,-2,-1,0,1"
 """
@@ -23,7 +25,7 @@ import torch
 
 from mirrorprune.data import load
 from mirrorprune.experiments.common import split_validation
-from mirrorprune.files import write_json, write_rows
+from mirrorprune.files import read_rows, write_json, write_rows
 from mirrorprune.methods import create_method
 from mirrorprune.models import create_model
 from mirrorprune.provenance import provenance
@@ -57,8 +59,14 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{a.method}.csv"
-    rows = []
-    for hp in parse_grid(a.grid):
+    grid = parse_grid(a.grid)
+    # earlier invocations' rows are kept (a grid point run again replaces its own rows)
+    keys = [{k: v for k, v in hp.items()} for hp in grid]
+    rows = [r for r in (read_rows(path) if path.exists() else [])
+            if {k: r.get(k) for k in keys[0]} not in keys]
+    log = out / f"{a.method}.json"
+    runs = json.loads(log.read_text()).get("runs", []) if log.exists() else []
+    for hp in grid:
         per_target = hp.get("schedule") == "target"
         for group in ([[t] for t in targets] if per_target else [targets]):
             torch.manual_seed(a.seed)
@@ -76,7 +84,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     write_rows(path, rows)
-    write_json(out / f"{a.method}.json", {"args": vars(a), "provenance": provenance()})
+    write_json(log, {"runs": [*runs, {"args": vars(a), "provenance": provenance()}]})
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def test_invalid(make, match):
 
 def test_target_controller_on_a_scripted_trace():
     c = S.TargetController(1.0, target_sparsity=0.9, epochs=10, delta=2.0, acc_tol=0.01,
-                           mass_tol=0.01, rate_max=5.0, horizon=100, lr=0.1)
+                           mass_tol=0.01, rate_max=5.0, horizon=100, lr=0.1,
+                           in_reach="lower")  # the paper's rule
     trace = [  # (train_acc, mass_at_target) -> expected rate of A after the epoch
         (0.50, 0.30, 2.0),   # accuracy holds, not yet sparse: raise
         (0.60, 0.20, 4.0),   # raise
@@ -56,7 +57,8 @@ def test_target_controller_on_a_scripted_trace():
         assert c.delta(50) == pytest.approx(expected / 100)
     capped = S.TargetController(1.0, 0.9, 100, delta=10.0, rate_max=5.0)
     assert capped.observe(0, 0.5, 0.5) == 5.0
-    d = S.TargetController(1.0, 0.9, 10, delta=2.0, horizon=100)
+    d = S.TargetController(1.0, 0.9, 10, delta=2.0, mass_tol=0.4, horizon=100,
+                           in_reach="lower")
     d.load_state_dict(c.state_dict() | {"delta": 2.0, "acc_tol": 0.01, "mass_tol": 0.4,
                                         "rate_max": 50.0})
     assert d.current == c.current and len(d.history) == len(trace)

@@ -194,6 +194,8 @@ DEFAULT_STRENGTH = 2**0.5
 DEFAULT_SHAPE = "cosine"
 SHAPES = ("geometric", "linear", "cosine")
 IN_REACH = ("lower", "hold")  # TargetController: what the rate does once the target is in reach
+# TargetController's defaults, chosen on a validation split (benchmarks/calibrate_targets.py)
+TARGET_DELTA, TARGET_MASS_TOL, TARGET_IN_REACH = 1.25, 0.25, "hold"
 
 LR = float | Callable[[int], float] | Any  # a number, k -> η_k, or a torch LR scheduler
 
@@ -355,9 +357,10 @@ class TargetController(_StrengthSchedule):
     """
 
     def __init__(self, rate_init: float, target_sparsity: float, epochs: int,
-                 delta: float = 1.5, acc_tol: float = 0.01, mass_tol: float = 0.4,
+                 delta: float = TARGET_DELTA, acc_tol: float = 0.01,
+                 mass_tol: float = TARGET_MASS_TOL,
                  rate_max: float = 50.0, horizon: int | None = None, lr: LR | None = None,
-                 in_reach: str = "lower"):
+                 in_reach: str = TARGET_IN_REACH):
         super().__init__(horizon, lr)
         if in_reach not in IN_REACH:
             raise UsageError(f"in_reach must be one of {', '.join(IN_REACH)}, got {in_reach!r}")
@@ -430,9 +433,10 @@ def _strength(total: float, epochs: int, horizon: int | None = None, lr: LR | No
     return Strength(total, horizon=horizon, shape=shape, lr=lr)
 
 
-def _target(rate: float, epochs: int, target: float | None = None, delta: float = 1.5,
-            acc_tol: float = 0.01, mass_tol: float = 0.4, horizon: int | None = None,
-            lr: LR | None = None, in_reach: str = "lower") -> Schedule:
+def _target(rate: float, epochs: int, target: float | None = None,
+            delta: float = TARGET_DELTA, acc_tol: float = 0.01,
+            mass_tol: float = TARGET_MASS_TOL, horizon: int | None = None,
+            lr: LR | None = None, in_reach: str = TARGET_IN_REACH) -> Schedule:
     if target is None:
         raise UsageError("the target schedule needs a target sparsity (e.g. target=0.9)")
     return TargetController(rate, target, epochs, delta=delta, acc_tol=acc_tol,

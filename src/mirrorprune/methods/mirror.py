@@ -166,15 +166,16 @@ class PilotMethod(DecayedMirror):
         beta: float = hparam(1.0, "m0² − w0² at initialization (0: spred's)", low=0)
         target: float | None = hparam(None, "target: the sparsity the controller aims at", low=0,
                                       high=1, low_open=True, high_open=True)
-        delta: float = hparam(1.5, "target: factor by which the rate rises or falls per epoch",
-                              low=1, low_open=True)
+        delta: float = hparam(S.TARGET_DELTA, "target: factor by which the rate rises or "
+                              "falls per epoch", low=1, low_open=True)
         acc_tol: float = hparam(0.01, "target: training-accuracy drop that holds the rate",
                                 low=0)
-        mass_tol: float = hparam(0.4, "target: stop raising the rate once pruning to the target "
-                                 "would remove this fraction of ‖x‖₁", low=0, high=1,
-                                 low_open=True)
-        in_reach: str = hparam("lower", "target: once in reach, lower the rate by delta each "
-                               "epoch (the paper's) or hold A where it is", choices=S.IN_REACH)
+        mass_tol: float = hparam(S.TARGET_MASS_TOL, "target: stop raising the rate once "
+                                 "pruning to the target would remove this fraction of ‖x‖₁",
+                                 low=0, high=1, low_open=True)
+        in_reach: str = hparam(S.TARGET_IN_REACH, "target: once in reach, hold A where it is "
+                               "or lower the rate by delta each epoch (the paper's)",
+                               choices=S.IN_REACH)
 
         def check(self) -> None:
             if self.schedule == "target" and self.target is None:
