@@ -133,3 +133,38 @@ def test_tune_chooses_per_level_and_targets_aims_by_it(tmp_path, capsys):
     (tuned / "tune.json").write_text(json.dumps(blob))
     assert main([*base, "--sparsities", "0.8", "--out", str(tmp_path / "old")]) == 2
     assert "holds no per-level choice" in capsys.readouterr().err
+
+
+def test_tune_aimed_trains_each_value_at_each_level_and_targets_aims_by_it(tmp_path):
+    """tune --aim trains each grid value once per level, aimed at it as targets aims the
+    method (pilot: its target controller at that level), and validates it there only; the
+    per-level choice is what targets --aim-from trains each target with."""
+    import json
+
+    tuned = tmp_path / "tune"
+    assert main(["tune", "--dataset", "digits", "--method", "pilot", "--aim", "--grid",
+                 "mass_tol=0.1,0.6", "--levels", "0.5,0.8", "--epochs", "2", "--quiet",
+                 "--out", str(tuned)]) == 0
+    for tol in (0.1, 0.6):
+        for lv in (0.5, 0.8):
+            run = tuned / f"mass_tol={tol}" / f"target{lv:g}" / "runs" / "pilot" / "seed0"
+            hp = json.loads((run / "config.json").read_text())["hparams"]
+            assert (hp["schedule"], hp["target"], hp["mass_tol"]) == ("target", lv, tol)
+            sweep = json.loads((run / "sweep.json").read_text())["rows"]
+            assert [r["sparsity"] for r in sweep] == [lv]  # validated at its own level only
+    blob = json.loads((tuned / "tune.json").read_text())
+    rows = list(csv.DictReader(open(tuned / "tune.csv")))
+    assert len(rows) == 4 and blob["tune"]["aim"] is True
+    for lv in ("0.5", "0.8"):  # the per-level choice is the better of the two runs there
+        here = {float(r["mass_tol"]): float(r["val_accuracy"]) for r in rows
+                if f"{float(r['sparsity']):g}" == lv}
+        assert here[blob["best_at_level"][lv]] == max(here.values())
+    out = tmp_path / "targets"
+    assert main(["targets", "--dataset", "digits", "--methods", "pilot", "--epochs", "2",
+                 "--quiet", "--sparsities", "0.5,0.8", "--aim-from", str(tuned / "tune.json"),
+                 "--out", str(out)]) == 0
+    used = json.loads((out / "config.json").read_text())["hparams_used"]
+    for lv in ("0.5", "0.8"):
+        assert used[f"pilot@{lv}"] == {"schedule": "target", "target": float(lv),
+                                       "strength": 1.0,
+                                       "mass_tol": blob["best_at_level"][lv]}

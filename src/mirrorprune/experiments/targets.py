@@ -44,6 +44,13 @@ def aim(method: str, target: float, epoch_lr: float = REFERENCE_EPOCH_LR) -> dic
     return METHODS[method].aim(target, epoch_lr)
 
 
+def epoch_lr(p: dict, n_train: int) -> float:
+    """Steps per epoch × learning rate of the m ⊙ w weights of preset `p` on `n_train` images:
+    the budget by which `aim` scales per-step values (the α ladders)."""
+    tcfg = p["train"]
+    return math.ceil(n_train / tcfg.batch_size) * tcfg.lr * p["lr_scale_mw"]
+
+
 @dataclass
 class TargetsConfig(MethodsConfig):
     per_method: ClassVar[tuple[str, ...]] = ("sparsities", "aims")
@@ -103,8 +110,7 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
 
     def checked_plan(n_train: int) -> dict[tuple[str, str], list[float]]:
         # the α ladders are per step: scaled by this budget's steps per epoch × lr
-        tcfg = p["train"]
-        groups = plan(cfg, math.ceil(n_train / tcfg.batch_size) * tcfg.lr * p["lr_scale_mw"])
+        groups = plan(cfg, epoch_lr(p, n_train))
         for (m, hp_json), tgts in groups.items():
             one = _oneshot(cfg, m, hp_json)
             one.validate()

@@ -7,7 +7,10 @@ with the best mean validation accuracy over the levels and seeds. It writes `tun
 per value, seed and level) and `tune.json` (the grid, the mean per value, the choice, and
 "hparams": {method: {key: value, ...}} that `oneshot`/`targets --hp-from tune.json` read; and
 per level the value best there, which `targets --aim-from tune.json` aims each target with).
-Runs live in OUT/KEY=VALUE/runs/METHOD/seedN and resume like oneshot's. KEY may also be a
+Runs live in OUT/KEY=VALUE/runs/METHOD/seedN and resume like oneshot's. With `--aim` each
+value is trained once per level, aimed at it as `targets` aims the method (PILoT: its target
+controller), and validated at that level only (OUT/KEY=VALUE/targetL/...): how a knob of the
+aimed training (the controller's mass_tol) is chosen per target. KEY may also be a
 training option shared by every method (`weight_decay`, with `--method dense --levels 0` the
 dense recipe): its choice is in tune.json's "training" and goes to oneshot/targets as
 `--weight-decay`.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any
 
 from ..ci import mean_ci
 from ..config import option
+from ..data import TRAIN_SIZES
 from ..distributed import is_main
 from ..errors import UsageError
 from ..files import write_results_json, write_rows
@@ -31,6 +36,7 @@ from ..methods import METHODS
 from ..provenance import provenance
 from .common import VALIDATION, DataConfig, check_parallel, load_data, preset
 from .oneshot import OneshotConfig, check_runs, run_many, run_one
+from .targets import aim, epoch_lr
 
 # grid keys that are training options shared by every method (chosen once, passed to
 # oneshot/targets as --weight-decay), not hyperparameters of the method tuned
@@ -55,6 +61,9 @@ class TuneConfig(DataConfig):
                                   "for every value and the choice is noise")
     parallel: int = option(1, "runs (grid value × seed) trained at once, each in a process of "
                            "its own: the CPU's threads are divided between them, a GPU is shared")
+    aim: bool = option(False, "train each value once per level, aimed at it as `targets` aims "
+                       "the method (pilot: its target controller), and validate it there: for "
+                       "knobs of the aimed training, chosen per target for targets --aim-from")
     hparams: dict[str, dict[str, Any]] = option({}, "fixed hyperparameters (--hp)", cli=False)
 
     def parsed_grid(self) -> tuple[str, list[Any]]:
@@ -71,11 +80,16 @@ class TuneConfig(DataConfig):
                 return v
         return key, [literal(v.strip()) for v in values.split(",") if v.strip()]
 
-    def one(self, value: Any) -> OneshotConfig:
-        """The oneshot configuration that trains one grid value."""
+    def one(self, value: Any, level: float | None = None) -> OneshotConfig:
+        """The oneshot configuration that trains one grid value (aimed at `level`)."""
         key, _ = self.parsed_grid()
         data, hp = self.data_options(), dict(self.hparams.get(self.method, {}))
         (data if key in TRAINING_KEYS else hp)[key] = value
+        if level is not None:  # aimed as `targets` aims it; --hp and the grid value win
+            p = preset(self.preset, self.dataset, self.model)
+            n = min(p["train_subset"] or math.inf, TRAIN_SIZES[self.dataset])
+            hp = {**aim(self.method, level, epoch_lr(p, n - round(self.val_fraction * n))),
+                  **hp}
         return OneshotConfig(**data, methods=(self.method,), seeds=self.seeds,
                              hparams={self.method: hp}, epochs=self.epochs,
                              exclude=self.exclude, bn_recalibrate=self.bn_recalibrate)
@@ -92,8 +106,15 @@ class TuneConfig(DataConfig):
         bad = [m for m in self.hparams if m != self.method]
         if bad:
             raise UsageError(f"--hp given for {bad}, but the method tuned is {self.method}")
-        for v in values:
-            self.one(v).validate()
+        for v, level, _ in self.runs():
+            self.one(v, level).validate()
+
+    def runs(self) -> list[tuple[Any, float | None, str]]:
+        """(grid value, level it is aimed at or None, its folder in OUT) of every run."""
+        key, values = self.parsed_grid()
+        if not self.aim:
+            return [(v, None, f"{key}={v}") for v in values]
+        return [(v, lv, f"{key}={v}/target{lv:g}") for v in values for lv in self.levels]
 
 
 def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = False) -> dict:
@@ -103,19 +124,21 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     t0 = time.time()
     out = Path(out)
     key, values = cfg.parsed_grid()
-    for v in values:  # everything checkable before loading data or writing a file
-        check_runs(cfg.one(v), out / f"{key}={v}", resume)
+    runs = [(v, cfg.one(v, lv), out / folder, cfg.levels if lv is None else (lv,))
+            for v, lv, folder in cfg.runs()]
+    for _, one, folder, _ in runs:  # everything checkable before loading data or writing
+        check_runs(one, folder, resume)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
     # after loading: parallel workers find the data decoded
-    resume = run_many([(cfg.one(v), cfg.method, seed, out / f"{key}={v}", cfg.levels)
-                       for v in values for seed in range(cfg.seeds)], cfg.parallel, resume,
+    resume = run_many([(one, cfg.method, seed, folder, levels) for _, one, folder, levels in runs
+                       for seed in range(cfg.seeds)], cfg.parallel, resume,
                       validation=cfg.val_fraction)
     rows = []
-    for v in values:
+    for v, one, folder, levels in runs:
         for seed in range(cfg.seeds):
-            sweep = run_one(cfg.one(v), cfg.method, seed, tr, val, out / f"{key}={v}",
-                            progress, resume, sparsities=cfg.levels)
+            sweep = run_one(one, cfg.method, seed, tr, val, folder, progress, resume,
+                            sparsities=levels)
             rows += [{"method": cfg.method, key: v, "seed": seed, "sparsity": r["sparsity"],
                       "actual_sparsity": r["actual_sparsity"], "val_accuracy": r["accuracy"],
                       "val_unpruned": r["unpruned_accuracy"]} for r in sweep]
@@ -148,7 +171,8 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
                         "the test set is not used",
             "train_size": len(tr), "val_size": len(val), "provenance": provenance()})
     return {"table": table, "rows": rows, "best": best, "seconds": time.time() - t0,
-            "files": ["tune.csv", "tune.json", f"{key}=*/runs/"]}
+            "files": ["tune.csv", "tune.json", f"{key}=*/" + ("target*/" if cfg.aim else "")
+                      + "runs/"]}
 
 
 def per_level(rows: list[dict], key: str, values: list, levels: tuple[float, ...]
