@@ -58,20 +58,7 @@ $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HP
 # BNRECAL=1: the same trained runs evaluated after re-estimating BatchNorm statistics, in
 # OUT-bnrecal (a folder of its own: its settings differ; the runs are copied, not retrained)
 if [ -n "${BNRECAL:-}" ]; then
-  mkdir -p "$OUT-bnrecal"
-  for d in "$OUT"/runs/*/seed*; do
-    rel=${d#"$OUT"/}
-    # copied already, or its recalibrated results kept (sweep.json): done
-    for f in final.pt checkpoint.pt sweep.json; do [ -f "$OUT-bnrecal/$rel/$f" ] && continue 2; done
-    # the trained model (final.pt; a checkpoint from before final.pt was written); a run kept
-    # without either is trained again there, with the same seed
-    for f in final.pt checkpoint.pt; do
-      if [ -f "$d/$f" ]; then
-        mkdir -p "$OUT-bnrecal/$rel" && cp "$d/$f" "$d"/config.json "$d"/log.* "$OUT-bnrecal/$rel/"
-        break
-      fi
-    done
-  done
+  bash benchmarks/recal_copy.sh "$OUT"
   # shellcheck disable=SC2086
   $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \
     --bn-recalibrate --parallel "$PARALLEL" --out "$OUT-bnrecal"
