@@ -61,7 +61,13 @@ def test_finished_runs_kept_as_results_without_checkpoints(tmp_path, capsys):
     sweep = kept / "runs/pilot/seed0/sweep.json"
     older = json.loads(sweep.read_text())
     del older["key"]["hparams"]["mass_tol"]
+    # nor does a knob of another schedule (the controller's, under schedule=strength) at
+    # another value, e.g. recorded before its default changed: Method.inert
+    older["key"]["hparams"]["delta"] = 99.0
     sweep.write_text(json.dumps(older))
+    config = json.loads((sweep.parent / "config.json").read_text())
+    config["hparams"]["delta"] = 99.0
+    (sweep.parent / "config.json").write_text(json.dumps(config))
     (kept / "runs/pilot/seed0/final.pt").rename(kept / "final.pt")  # no model: reused, or error
     assert main([*base, "--out", str(kept), "--resume"]) == 0
     (kept / "final.pt").rename(kept / "runs/pilot/seed0/final.pt")

@@ -184,6 +184,17 @@ class Method:
     def export(self) -> nn.Module:
         return safe_deepcopy(self.model)
 
+    @classmethod
+    def inert(cls, hp: dict[str, Any]) -> set[str]:
+        """Hyperparameters that do not act under `hp` (another schedule's knobs): not compared
+        when a run is resumed or its results reused, so changing their defaults keeps runs."""
+        return set()
+
+    @classmethod
+    def acting(cls, hp: dict[str, Any]) -> dict[str, Any]:
+        """`hp` without its inert hyperparameters."""
+        return {k: v for k, v in hp.items() if k not in cls.inert(hp)}
+
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count}
 

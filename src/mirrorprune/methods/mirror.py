@@ -207,6 +207,15 @@ class PilotMethod(DecayedMirror):
     def aim(cls, target, epoch_lr):
         return {"schedule": "target", "target": target, "strength": cls.AIM_RATE}
 
+    @classmethod
+    def inert(cls, hp):
+        alpha, target = {"alpha", "p", "decay_to"}, {"target", "delta", "acc_tol", "mass_tol",
+                                                     "in_reach"}
+        schedule = hp.get("schedule", "strength")
+        if schedule == "strength":
+            return alpha | target
+        return alpha | {"shape"} if schedule == "target" else target | {"strength", "shape"}
+
     def end_epoch(self, epoch, row):
         sched = self.pilot.schedule
         if isinstance(sched, S.TargetController):
