@@ -421,11 +421,10 @@ def _config_diff(saved: dict, config: dict, method: Method) -> str:
     none); keys whose value is None in `config` are not compared (unknown yet)."""
     saved = with_defaults(json.loads(json.dumps(saved, default=str)), TrainConfig)
     now = json.loads(json.dumps(config, default=str))
-    # a hyperparameter added to the method later, at its default, changes nothing
-    saved["hparams"] = method.acting({**json.loads(json.dumps(method.defaults, default=str)),
-                                      **saved.get("hparams", {})})
+    # a hyperparameter added to the method later (at its default), or inert, changes nothing
+    saved["hparams"] = method.comparable(saved.get("hparams", {}))
     if isinstance(now.get("hparams"), dict):
-        now["hparams"] = method.acting(now["hparams"])
+        now["hparams"] = method.comparable(now["hparams"])
     keys = [k for k in sorted(set(saved) | set(now)) if now.get(k, 0) is not None]
     return "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
                      for k in keys if saved.get(k) != now.get(k))

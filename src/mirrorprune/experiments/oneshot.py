@@ -121,14 +121,14 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
 def _cached_rows(sweep_file: Path, key: dict, method: Method) -> list[dict] | None:
     """The rows in `sweep_file` if it exists and was evaluated as `key` says, else None (a
     hyperparameter added to the method since, at its default, changes nothing, nor does one
-    that does not act: `Method.inert`)."""
+    that does not act: `Method.comparable`)."""
     if not sweep_file.exists():
         return None
     cached = json.loads(sweep_file.read_text())
     saved = cached.get("key", {})
-    defaults = json.loads(json.dumps(method.defaults, default=str))
-    saved = {**saved, "hparams": method.acting({**defaults, **saved.get("hparams", {})})}
-    return cached["rows"] if saved == {**key, "hparams": method.acting(key["hparams"])} else None
+    saved = {**saved, "hparams": method.comparable(saved.get("hparams", {}))}
+    now = {**key, "hparams": method.comparable(key["hparams"])}
+    return cached["rows"] if saved == now else None
 
 
 def _final_model(cfg: OneshotConfig, tr: ImageData, rundir: Path, config: dict,

@@ -8,6 +8,7 @@ name with `@register_method("name")`; `create_method(name, **hparams)` is the on
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -191,9 +192,11 @@ class Method:
         return set()
 
     @classmethod
-    def acting(cls, hp: dict[str, Any]) -> dict[str, Any]:
-        """`hp` without its inert hyperparameters."""
-        return {k: v for k, v in hp.items() if k not in cls.inert(hp)}
+    def comparable(cls, hp: dict[str, Any]) -> dict[str, Any]:
+        """Recorded hyperparameters `hp` as runs are compared: one added to the method since
+        takes its default, and inert ones are left out."""
+        full = {**json.loads(json.dumps(cls.defaults, default=str)), **hp}
+        return {k: v for k, v in full.items() if k not in cls.inert(full)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count}
