@@ -168,3 +168,18 @@ def test_tune_aimed_trains_each_value_at_each_level_and_targets_aims_by_it(tmp_p
         assert used[f"pilot@{lv}"] == {"schedule": "target", "target": float(lv),
                                        "strength": 1.0,
                                        "mass_tol": blob["best_at_level"][lv]}
+
+
+def test_train_size_known_before_loading_matches_the_loaded_split():
+    """Aimed runs scale by steps per epoch, so tune and targets plan them with the training
+    size before loading: it must be what load_data then gives (validation split or holdout
+    cut first, then the subset), else a tuned value is checked under another budget."""
+    from mirrorprune.experiments.common import load_data, preset, train_size
+
+    base = preset("cpu", "digits", "mlp")
+    for extra in ({}, {"holdout": 0.1}, {"train_subset": 700}, {"train_subset": 5000},
+                  {"holdout": 0.2, "train_subset": 1000}):
+        p = {**base, **extra}
+        for validation in (None, 0.1, 0.25):
+            tr, _ = load_data("digits", p, validation=validation)
+            assert train_size("digits", p, validation) == len(tr), (extra, validation)

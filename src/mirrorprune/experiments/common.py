@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from ..ci import mean_ci, show
 from ..config import option, with_defaults
-from ..data import DATASETS, SHAPES, ImageData, load, locate
+from ..data import DATASETS, SHAPES, TRAIN_SIZES, ImageData, load, locate
 from ..distributed import rank_world
 from ..errors import UsageError
 from ..files import read_rows, save_figure
@@ -85,6 +85,17 @@ def load_data(dataset: str, p: dict, data_dir: str | None = None,
     if p["test_subset"]:
         te = te.subset(p["test_subset"])
     return tr, te
+
+
+def train_size(dataset: str, p: dict, validation: float | None = None) -> int:
+    """How many training images `load_data` gives from the standard copy of `dataset`, known
+    without loading it: plans are checked before any data is loaded (and again with the real
+    size where a copy differs)."""
+    n = TRAIN_SIZES[dataset]
+    cut = validation or p.get("holdout")
+    if cut:
+        n -= round(cut * n)
+    return min(n, p["train_subset"] or n)
 
 
 def split_validation(data: ImageData, fraction: float) -> tuple[ImageData, ImageData]:

@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 
 from ..ci import mean_ci, show
 from ..config import option
-from ..data import TRAIN_SIZES
 from ..distributed import is_main
 from ..errors import UsageError
 from ..files import write_results_json, write_rows, write_text
@@ -33,6 +32,7 @@ from .common import (
     paired_differences,
     preset,
     previous_config,
+    train_size,
     wall_times,
 )
 from .oneshot import OneshotConfig, check_runs, run_many, run_one
@@ -119,7 +119,7 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
 
     # everything is checked before loading data, with the standard training-set size, and
     # again (still before any file is written) if this copy of the data has another size
-    expected = min(p["train_subset"] or math.inf, TRAIN_SIZES[cfg.dataset])
+    expected = train_size(cfg.dataset, p)
     groups = checked_plan(expected)
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)
     if len(tr) != expected:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +27,12 @@ from typing import Any
 
 from ..ci import mean_ci
 from ..config import option
-from ..data import TRAIN_SIZES
 from ..distributed import is_main
 from ..errors import UsageError
 from ..files import write_results_json, write_rows
 from ..methods import METHODS
 from ..provenance import provenance
-from .common import VALIDATION, DataConfig, check_parallel, load_data, preset
+from .common import VALIDATION, DataConfig, check_parallel, load_data, preset, train_size
 from .oneshot import OneshotConfig, check_runs, run_many, run_one
 from .targets import aim, epoch_lr
 
@@ -80,16 +78,17 @@ class TuneConfig(DataConfig):
                 return v
         return key, [literal(v.strip()) for v in values.split(",") if v.strip()]
 
-    def one(self, value: Any, level: float | None = None) -> OneshotConfig:
-        """The oneshot configuration that trains one grid value (aimed at `level`)."""
+    def one(self, value: Any, level: float | None = None, n_train: int | None = None
+            ) -> OneshotConfig:
+        """The oneshot configuration that trains one grid value (aimed at `level` on a
+        training split of `n_train` images, by default that of the standard copy)."""
         key, _ = self.parsed_grid()
         data, hp = self.data_options(), dict(self.hparams.get(self.method, {}))
         (data if key in TRAINING_KEYS else hp)[key] = value
         if level is not None:  # aimed as `targets` aims it; --hp and the grid value win
             p = preset(self.preset, self.dataset, self.model)
-            n = min(p["train_subset"] or math.inf, TRAIN_SIZES[self.dataset])
-            hp = {**aim(self.method, level, epoch_lr(p, n - round(self.val_fraction * n))),
-                  **hp}
+            n = n_train or train_size(self.dataset, p, self.val_fraction)
+            hp = {**aim(self.method, level, epoch_lr(p, n)), **hp}
         return OneshotConfig(**data, methods=(self.method,), seeds=self.seeds,
                              hparams={self.method: hp}, epochs=self.epochs,
                              exclude=self.exclude, bn_recalibrate=self.bn_recalibrate)
@@ -124,12 +123,21 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     t0 = time.time()
     out = Path(out)
     key, values = cfg.parsed_grid()
-    runs = [(v, cfg.one(v, lv), out / folder, cfg.levels if lv is None else (lv,))
-            for v, lv, folder in cfg.runs()]
-    for _, one, folder, _ in runs:  # everything checkable before loading data or writing
-        check_runs(one, folder, resume)
+
+    def checked_runs(n_train: int | None = None) -> list:
+        runs = [(v, cfg.one(v, lv, n_train), out / folder, cfg.levels if lv is None else (lv,))
+                for v, lv, folder in cfg.runs()]
+        for _, one, folder, _ in runs:
+            check_runs(one, folder, resume)
+        return runs
+
+    # everything is checked before loading data or writing, and again (before writing) if
+    # this copy's training split differs from the standard one: aimed runs depend on its size
+    runs = checked_runs()
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, val = load_data(cfg.dataset, p, cfg.data_dir, validation=cfg.val_fraction)
+    if cfg.aim and len(tr) != train_size(cfg.dataset, p, cfg.val_fraction):
+        runs = checked_runs(len(tr))
     # after loading: parallel workers find the data decoded
     resume = run_many([(one, cfg.method, seed, folder, levels) for _, one, folder, levels in runs
                        for seed in range(cfg.seeds)], cfg.parallel, resume,
