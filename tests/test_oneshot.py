@@ -98,6 +98,38 @@ def test_finished_runs_kept_as_results_without_checkpoints(tmp_path, capsys):
     assert not list(runs.rglob("checkpoint.pt"))
 
 
+def test_first_seed_evaluates_only_the_later_seeds(tmp_path, capsys):
+    """--first-seed K runs seeds K, ..., K+SEEDS-1: a recalibrated table over the seeds whose
+    models were kept trains nothing (seed 0, kept without a model, is left out, not trained
+    again); a reused run keeps the final.pt it wrote (a committed file does not churn)."""
+    import json
+    import shutil
+
+    base = ["oneshot", "--dataset", "digits", "--methods", "dense", "--epochs", "1", "--quiet"]
+    first = tmp_path / "first"
+    assert main([*base, "--seeds", "2", "--out", str(first)]) == 0
+    model = first / "runs/dense/seed1/final.pt"
+    written = model.stat().st_mtime_ns
+    assert main([*base, "--seeds", "2", "--out", str(first), "--resume"]) == 0
+    assert model.stat().st_mtime_ns == written  # not written again
+    recal = tmp_path / "recal"
+    shutil.copytree(first / "runs", recal / "runs",
+                    ignore=shutil.ignore_patterns("sweep.json", "checkpoint.pt"))
+    (recal / "runs/dense/seed0/final.pt").unlink()  # seed 0's model was lost, its logs kept
+    assert main([*base, "--seeds", "1", "--first-seed", "1", "--bn-recalibrate", "--resume",
+                 "--out", str(recal)]) == 0
+    assert not list(recal.rglob("checkpoint.pt"))  # nothing trained
+    assert not (recal / "runs/dense/seed0/sweep.json").exists()
+    rows = list(csv.DictReader(open(recal / "oneshot.csv")))
+    assert rows and {r["seed"] for r in rows} == {"1"}
+    assert json.loads((recal / "config.json").read_text())["methods"]["dense"] == {
+        "seeds": 1, "first_seed": 1, "hparams": {}}
+    md = (recal / "oneshot.md").read_text()
+    assert "1 seed(s) from seed 1" in md and ", 1 runs)" in md  # seed 0's log not counted
+    assert main([*base, "--first-seed", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--first-seed must be >= 0" in capsys.readouterr().err
+
+
 def test_oneshot_validation(tmp_path, capsys):
     for args, msg in ((["--methods", "dense,magic"], "unknown method"),
                       (["--methods", "dense", "--hp", "pilot.alpha=1"], "not run"),

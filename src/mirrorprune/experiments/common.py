@@ -163,6 +163,8 @@ class MethodsConfig(DataConfig):
     methods: tuple[str, ...] = option(("dense", "pilot"),
                                       f"comma-separated, from: {','.join(METHODS)}")
     seeds: int = option(3, "seeds per method (0, 1, ...)")
+    first_seed: int = option(0, "the first seed: seeds FIRST_SEED, ..., FIRST_SEED+SEEDS-1 (e.g. "
+                             "to re-evaluate only the seeds whose trained models were kept)")
     hparams: dict[str, dict[str, Any]] = option({}, "method -> hyperparameter overrides "
                                                 "(--hp METHOD.NAME=VALUE)", cli=False)
     epochs: int | None = option(None, "override the preset's epochs")
@@ -171,17 +173,41 @@ class MethodsConfig(DataConfig):
 
     def validate(self) -> None:
         check_options(self.methods, self.hparams, self.seeds, self.epochs)
+        if self.first_seed < 0:
+            raise UsageError(f"--first-seed must be >= 0, got {self.first_seed}")
         check_parallel(self.parallel)
         preset(self.preset, self.dataset, self.model)
 
     def shared(self) -> dict[str, Any]:
         """The settings every method of one output folder must share."""
-        per_method = ("methods", "seeds", "hparams", "data_dir", "parallel", *self.per_method)
+        per_method = ("methods", "seeds", "first_seed", "hparams", "data_dir", "parallel",
+                      *self.per_method)
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in per_method}
+
+    def seed_list(self) -> range:
+        return recorded_seeds(self.recorded(""))
+
+    def recorded(self, m: str) -> dict[str, Any]:
+        """What config.json keeps of method `m`'s runs (with per-method options added)."""
+        return {"seeds": self.seeds, **({"first_seed": self.first_seed} if self.first_seed else {}),
+                "hparams": self.hparams.get(m, {})}
 
     def train_config(self, seed: int) -> TrainConfig:
         """The preset's training configuration for one seed, with `epochs` applied."""
         return self.budget(seed, self.epochs)
+
+
+def recorded_seeds(rec: dict[str, Any]) -> range:
+    """The seeds of a method's runs as config.json records them (`recorded`)."""
+    return range(rec.get("first_seed", 0), rec.get("first_seed", 0) + rec["seeds"])
+
+
+def seeds_label(runs: Iterable[dict]) -> str:
+    """'2 seed(s)', '2/3 seed(s)' (methods ran different counts), '2 seed(s) from seed 1'."""
+    runs = list(runs)
+    label = "/".join(map(str, sorted({r["seeds"] for r in runs}))) + " seed(s)"
+    firsts = sorted({r.get("first_seed", 0) for r in runs})
+    return label + (f" from seed {'/'.join(map(str, firsts))}" if firsts != [0] else "")
 
 
 def check_out(out: Path) -> None:

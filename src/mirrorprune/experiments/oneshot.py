@@ -58,6 +58,8 @@ from .common import (
     plot_curves,
     preset,
     previous_config,
+    recorded_seeds,
+    seeds_label,
     wall_times,
 )
 
@@ -99,7 +101,9 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
         history = train(model, method, tr, te, tcfg, rundir, resume=resume,
                         progress=progress, lr_scale=scale)
         plain, unpruned = method.export(), history[-1]["test_acc"]
-        if is_main():  # the trained model, small: what is kept (committed) to evaluate again
+        # the trained model, small: what is kept (committed) to evaluate again; a finished
+        # run reused keeps the file it wrote (its bytes would differ: a committed file churns)
+        if is_main() and not final.exists():
             save_torch(plain.state_dict(), final)
     cached = _cached_rows(sweep_file, key, method)
     if cached is not None:
@@ -255,7 +259,7 @@ def check_runs(cfg: OneshotConfig, out: Path, resume: bool) -> None:
     check_methods(methods, cfg.dataset, cfg.model, p["train"].lr, p["lr_scale_mw"],
                   cfg.data_dir)
     check_out(out)
-    for seed in range(cfg.seeds):
+    for seed in cfg.seed_list():
         for name, method in methods.items():
             scale = p["lr_scale_mw"] if method.uses_mw else 1.0
             config = run_config(cfg.train_config(seed), method, scale, cfg.dataset, None)
@@ -274,10 +278,10 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     check_runs(cfg, out, resume)
     p = preset(cfg.preset, cfg.dataset, cfg.model)
     tr, te = load_data(cfg.dataset, p, cfg.data_dir)  # first: the workers find it decoded
-    resume = run_many([(cfg, m, seed, out, None) for seed in range(cfg.seeds)
+    resume = run_many([(cfg, m, seed, out, None) for seed in cfg.seed_list()
                        for m in cfg.methods], cfg.parallel, resume)
     rows = []
-    for seed in range(cfg.seeds):
+    for seed in cfg.seed_list():
         for m in cfg.methods:
             rows += run_one(cfg, m, seed, tr, te, out, progress, resume)
     if not is_main():  # under torchrun only rank 0 writes the results
@@ -286,19 +290,19 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
     rows = merge_rows(out, "oneshot.csv", rows, "method", cfg.methods)
     methods = ordered(rows, "method")
     runs = {**(previous or {}).get("methods", {}),
-            **{m: {"seeds": cfg.seeds, "hparams": cfg.hparams.get(m, {})} for m in cfg.methods}}
+            **{m: cfg.recorded(m) for m in cfg.methods}}
     write_results_json(out / "config.json", {
         "oneshot": cfg.shared(), "methods": {m: runs[m] for m in methods},
         "preset": {**p, "train": asdict(p["train"])}, "data_dir": cfg.data_dir,
         "train_size": len(tr), "test_size": len(te), "provenance": provenance()})
     summary = summarize(rows, methods)
     write_rows(out / "oneshot.csv", rows)
-    seeds = sorted({runs[m]["seeds"] for m in methods})
     title = (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
-             f"{'/'.join(map(str, seeds))} seed(s), {len(tr)} train images")
+             f"{seeds_label(runs[m] for m in methods)}, {len(tr)} train images")
     plot(summary, methods, title, out / "oneshot.png")
     table = markdown_table(rows, summary, methods)
-    times = wall_times(d for m in methods for d in (out / "runs" / m).glob("seed*"))
+    times = wall_times(out / "runs" / m / f"seed{s}" for m in methods
+                       for s in recorded_seeds(runs[m]))
     diffs = paired_differences(rows, methods, "sparsity", TABLE)
     write_text(out / "oneshot.md", f"{title}\n\nTest accuracy (%), mean ± 95% CI over seeds.\n\n"
                                     f"{table}\n\n{diffs}\n\n{times}\n")

@@ -32,6 +32,8 @@ from .common import (
     paired_differences,
     preset,
     previous_config,
+    recorded_seeds,
+    seeds_label,
     train_size,
     wall_times,
 )
@@ -95,7 +97,8 @@ def plan(cfg: TargetsConfig, epoch_lr: float) -> dict[tuple[str, str], list[floa
 
 def _oneshot(cfg: TargetsConfig, m: str, hp_json: str) -> OneshotConfig:
     return OneshotConfig(**cfg.data_options(), methods=(m,), hparams={m: json.loads(hp_json)},
-                         epochs=cfg.epochs, bn_recalibrate=cfg.bn_recalibrate, seeds=cfg.seeds)
+                         epochs=cfg.epochs, bn_recalibrate=cfg.bn_recalibrate, seeds=cfg.seeds,
+                         first_seed=cfg.first_seed)
 
 
 def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool = False
@@ -128,11 +131,11 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
             for t in tgts}
     resume = run_many([(_oneshot(cfg, m, hp_json), m, seed, out / f"target{tgts[0]:g}",
                         tuple(tgts)) for (m, hp_json), tgts in groups.items()
-                       for seed in range(cfg.seeds)], cfg.parallel, resume)
+                       for seed in cfg.seed_list()], cfg.parallel, resume)
     rows = []
     for (m, hp_json), tgts in groups.items():
         one = _oneshot(cfg, m, hp_json)
-        for seed in range(cfg.seeds):
+        for seed in cfg.seed_list():
             sweep = run_one(one, m, seed, tr, te, out / f"target{tgts[0]:g}", progress, resume,
                             sparsities=tuple(tgts))
             rows += [{**r, "target": r["sparsity"]} for r in sweep]
@@ -142,8 +145,8 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
     rows = merge_rows(out, "targets.csv", rows, "method", cfg.methods)
     methods = ordered(rows, "method")
     prev_methods = (previous or {}).get("methods", {})
-    runs = {**prev_methods, **{m: {"seeds": cfg.seeds, "sparsities": list(cfg.sparsities),
-                                   "hparams": cfg.hparams.get(m, {})} for m in cfg.methods}}
+    runs = {**prev_methods, **{m: {**cfg.recorded(m), "sparsities": list(cfg.sparsities)}
+                               for m in cfg.methods}}
     used = {**{k: v for k, v in (previous or {}).get("hparams_used", {}).items()
                if k.split("@")[0] not in cfg.methods}, **used}
     table = markdown(rows, methods)
@@ -153,9 +156,8 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                         "provenance": provenance(), "train_size": len(tr),
                         "test_size": len(te)})
     write_rows(out / "targets.csv", rows)
-    seeds = sorted({runs[m]["seeds"] for m in methods})
     write_text(out / "targets.md", f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
-                                    f"{'/'.join(map(str, seeds))} seed(s), {len(tr)} training "
+                                    f"{seeds_label(runs[m] for m in methods)}, {len(tr)} training "
                                     "images\n\nTest accuracy (%) at exactly the target sparsity"
                                     + (", BatchNorm statistics re-estimated after pruning"
                                        if cfg.bn_recalibrate else "")
@@ -163,8 +165,10 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                                     + paired_differences(rows, methods, "target",
                                                          sorted({r["target"] for r in rows}))
                                     + "\n\n"
-                                    + wall_times(d for m in methods for d in
-                                                 out.glob(f"target*/runs/{m}/seed*")) + "\n")
+                                    + wall_times(d for m in methods
+                                                 for s in recorded_seeds(runs[m])
+                                                 for d in out.glob(f"target*/runs/{m}/seed{s}"))
+                                    + "\n")
     return {"table": table, "rows": rows, "seconds": time.time() - t0,
             "files": ["targets.csv", "targets.md", "config.json", "target*/runs/"]}
 
