@@ -18,7 +18,8 @@
 # lr_factor 0.1. JOBS tunes at a time, each training PARALLEL runs at once (defaults 1 and 2), and
 # the table PARALLEL runs at once; MIRRORPRUNE is the command; EXTRA adds options to every call,
 # TUNE_EXTRA to the tunes only (e.g. --bn-recalibrate: validate after BatchNorm recalibration);
-# BNRECAL=1 adds the table after BatchNorm recalibration (OUT-bnrecal, same trained runs);
+# BNRECAL=1 adds the table after BatchNorm recalibration (OUT-bnrecal, same trained runs;
+# RECAL_FIRST_SEED=K: over seeds K..SEEDS-1 only, e.g. where earlier seeds' models were lost);
 # GRIDS replaces the grids (lines "METHOD KEY=v1,v2,... [--hp=...]").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +61,9 @@ $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HP
 if [ -n "${BNRECAL:-}" ]; then
   bash benchmarks/recal_copy.sh "$OUT"
   # shellcheck disable=SC2086
-  $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \
+  K=${RECAL_FIRST_SEED:-0}
+  # shellcheck disable=SC2086
+  $MP oneshot $COMMON --first-seed "$K" --seeds $((SEEDS - K)) \
+    --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \
     --bn-recalibrate --parallel "$PARALLEL" --out "$OUT-bnrecal"
 fi
