@@ -143,9 +143,9 @@ def test_tune_aimed_trains_each_value_at_each_level_and_targets_aims_by_it(tmp_p
 
     tuned = tmp_path / "tune"
     assert main(["tune", "--dataset", "digits", "--method", "pilot", "--aim", "--grid",
-                 "mass_tol=0.1,0.6", "--levels", "0.5,0.8", "--epochs", "2", "--quiet",
-                 "--out", str(tuned)]) == 0
-    for tol in (0.1, 0.6):
+                 "mass_tol=0.05,0.9", "--levels", "0.5,0.8", "--epochs", "6", "--quiet",
+                 "--out", str(tuned)]) == 0  # 6 epochs: the controller acts, the model learns
+    for tol in (0.05, 0.9):
         for lv in (0.5, 0.8):
             run = tuned / f"mass_tol={tol}" / f"target{lv:g}" / "runs" / "pilot" / "seed0"
             hp = json.loads((run / "config.json").read_text())["hparams"]
@@ -183,3 +183,30 @@ def test_train_size_known_before_loading_matches_the_loaded_split():
         for validation in (None, 0.1, 0.25):
             tr, _ = load_data("digits", p, validation=validation)
             assert train_size("digits", p, validation) == len(tr), (extra, validation)
+
+
+def test_tune_says_when_the_knob_did_not_act(tmp_path, capsys):
+    """A knob that cannot act is refused before training (another schedule's); one that did
+    not act on the budget (PILoT's controller decides after each epoch: with one epoch its
+    mass_tol changes nothing) is reported, recorded, and not passed on as a choice."""
+    import json
+
+    from mirrorprune.experiments.tune import no_effect
+
+    assert no_effect({"0.9": {"1": 0.5, "2": 0.5}, "0.95": {"1": 0.5, "2": 0.4},
+                      "0.98": {"1": 0.3}}) == ["0.9"]
+    base = ["tune", "--dataset", "digits", "--method", "pilot", "--grid", "mass_tol=0.1,0.6",
+            "--levels", "0.8", "--epochs", "1", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "inert")]) == 2  # schedule=strength
+    assert "mass_tol does not act on pilot" in capsys.readouterr().err
+    assert not (tmp_path / "inert").exists()
+    tuned = tmp_path / "tune"
+    assert main([*base, "--aim", "--out", str(tuned)]) == 0
+    assert "did not act on this budget" in capsys.readouterr().out
+    blob = json.loads((tuned / "tune.json").read_text())
+    assert blob["no_effect_at_level"] == ["0.8"]
+    for flag in ("--aim-from", "--hp-from"):
+        assert main(["targets", "--dataset", "digits", "--methods", "pilot", "--epochs", "1",
+                     "--quiet", "--sparsities", "0.8", flag, str(tuned / "tune.json"),
+                     "--out", str(tmp_path / "t")]) == 2
+        assert "made no difference" in capsys.readouterr().err

@@ -106,7 +106,13 @@ class TuneConfig(DataConfig):
         if bad:
             raise UsageError(f"--hp given for {bad}, but the method tuned is {self.method}")
         for v, level, _ in self.runs():
-            self.one(v, level).validate()
+            one = self.one(v, level)
+            one.validate()
+            if key in METHODS[self.method].inert(one.hparams[self.method]):
+                raise UsageError(f"{key} does not act on {self.method} as tuned here (it "
+                                 "belongs to another schedule: every value would train the "
+                                 "same model); tune the schedule's own knob, or set the "
+                                 "schedule with --hp (PILoT's controller: --aim)")
 
     def runs(self) -> list[tuple[Any, float | None, str]]:
         """(grid value, level it is aimed at or None, its folder in OUT) of every run."""
@@ -159,6 +165,12 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     edge = grid_edge(key, values, best)
     if edge:
         table += f"\nwarning: {edge}"
+    same = no_effect(at_level)
+    if same:
+        table += (f"\nwarning: every {key} value gave the same validation accuracy at "
+                  f"{', '.join(same)}: {key} did not act on this budget (e.g. PILoT's "
+                  "controller never brought the target in reach), so nothing was chosen "
+                  "there; tune on a longer budget or leave it at its default")
     if key in TRAINING_KEYS:
         table += f"\n(a training option: pass --{key.replace('_', '-')} {best} to oneshot/targets)"
     if is_main():
@@ -167,6 +179,7 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
             "tune": asdict(cfg), "method": cfg.method, "key": key, "grid": values,
             "levels": list(cfg.levels), "mean_val_accuracy": scores, "best": best,
             "at_edge": edge, "val_accuracy_at_level": at_level, "best_at_level": best_at,
+            "no_effect_at_level": same,
             "hparams": {cfg.method: {**cfg.hparams.get(cfg.method, {}),
                                      **({} if key in TRAINING_KEYS else {key: best})}},
             "training": {key: best} if key in TRAINING_KEYS else {},
@@ -204,6 +217,12 @@ def per_level(rows: list[dict], key: str, values: list, levels: tuple[float, ...
     return at_level, best_at
 
 
+def no_effect(at_level: dict[str, dict[str, float]]) -> list[str]:
+    """The levels at which every grid value (two or more) scored exactly the same: the knob
+    did not act there (results differ in the last digits whenever training differs)."""
+    return [lv for lv, accs in at_level.items() if len(accs) > 1 and len(set(accs.values())) == 1]
+
+
 def aims_from(paths: list[str], dataset: str, model: str, methods: tuple[str, ...]
               ) -> dict[str, dict[str, dict[str, Any]]]:
     """{method: {level: {key: value}}} from `tune.json` files (made on the same dataset and
@@ -217,6 +236,11 @@ def aims_from(paths: list[str], dataset: str, model: str, methods: tuple[str, ..
             raise UsageError(f"--aim-from {path} holds no per-level choice of a method "
                              "hyperparameter (written before it was recorded, or it tuned a "
                              "training option): rerun that tune with --resume")
+        if blob.get("no_effect_at_level"):
+            raise UsageError(f"--aim-from {path}: {blob['key']} made no difference at "
+                             f"{', '.join(blob['no_effect_at_level'])} on its tuning budget, so "
+                             "it chose nothing there; leave this --aim-from out (the method's "
+                             "own aim) or tune on a longer budget")
         fixed = blob["tune"].get("hparams", {}).get(blob["method"], {})
         out[blob["method"]] = {lv: {**fixed, blob["key"]: v}
                                for lv, v in blob["best_at_level"].items()}
@@ -268,7 +292,12 @@ def hparams_from(paths: list[str], dataset: str, model: str, methods: tuple[str,
     """The chosen hyperparameters of `tune.json` files (made on the same dataset and model),
     for the methods in `methods`; later files win."""
     out: dict[str, dict[str, Any]] = {}
-    for _, blob in _tune_files(paths, dataset, model, "--hp-from"):
+    for path, blob in _tune_files(paths, dataset, model, "--hp-from"):
+        if blob["method"] in methods and blob.get("no_effect_at_level") and \
+                len(blob["no_effect_at_level"]) == len(blob["levels"]):
+            raise UsageError(f"--hp-from {path}: {blob['key']} made no difference on its "
+                             "tuning budget, so it chose nothing; leave this --hp-from out or "
+                             "tune on a longer budget")
         for m, hp in blob["hparams"].items():
             if m in methods:
                 out[m] = {**out.get(m, {}), **hp}
