@@ -169,8 +169,9 @@ def run(cfg: TuneConfig, out: str | Path, progress: bool = True, resume: bool = 
     if same:
         table += (f"\nwarning: every {key} value gave the same validation accuracy at "
                   f"{', '.join(same)}: {key} did not act on this budget (e.g. PILoT's "
-                  "controller never brought the target in reach), so nothing was chosen "
-                  "there; tune on a longer budget or leave it at its default")
+                  "controller never brought the target in reach) or every value collapsed to "
+                  "the same guess, so nothing was chosen there; tune on a longer budget or "
+                  "leave it at its default")
     if key in TRAINING_KEYS:
         table += f"\n(a training option: pass --{key.replace('_', '-')} {best} to oneshot/targets)"
     if is_main():
@@ -219,7 +220,8 @@ def per_level(rows: list[dict], key: str, values: list, levels: tuple[float, ...
 
 def no_effect(at_level: dict[str, dict[str, float]]) -> list[str]:
     """The levels at which every grid value (two or more) scored exactly the same: the knob
-    did not act there (results differ in the last digits whenever training differs)."""
+    did not act there (results differ in the last digits whenever training differs), or
+    every model collapsed to one guess — either way nothing was chosen."""
     return [lv for lv, accs in at_level.items() if len(accs) > 1 and len(set(accs.values())) == 1]
 
 
