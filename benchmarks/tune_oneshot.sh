@@ -60,7 +60,6 @@ $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HP
 # OUT-bnrecal (a folder of its own: its settings differ; the runs are copied, not retrained)
 if [ -n "${BNRECAL:-}" ]; then
   bash benchmarks/recal_copy.sh "$OUT"
-  # shellcheck disable=SC2086
   K=${RECAL_FIRST_SEED:-0}
   # shellcheck disable=SC2086
   $MP oneshot $COMMON --first-seed "$K" --seeds $((SEEDS - K)) \

@@ -185,7 +185,7 @@ class MethodsConfig(DataConfig):
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in per_method}
 
     def seed_list(self) -> range:
-        return recorded_seeds(self.recorded(""))
+        return range(self.first_seed, self.first_seed + self.seeds)
 
     def recorded(self, m: str) -> dict[str, Any]:
         """What config.json keeps of method `m`'s runs (with per-method options added)."""

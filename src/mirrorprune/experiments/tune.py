@@ -108,7 +108,9 @@ class TuneConfig(DataConfig):
         for v, level, _ in self.runs():
             one = self.one(v, level)
             one.validate()
-            if key in METHODS[self.method].inert(one.hparams[self.method]):
+            # comparable() leaves out the knobs that do not act under these hyperparameters
+            if key not in TRAINING_KEYS and \
+                    key not in METHODS[self.method].comparable(one.hparams[self.method]):
                 raise UsageError(f"{key} does not act on {self.method} as tuned here (it "
                                  "belongs to another schedule: every value would train the "
                                  "same model); tune the schedule's own knob, or set the "
