@@ -3,6 +3,7 @@ the few collective operations the training loop needs (all of them no-ops in one
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -19,7 +20,18 @@ def init_distributed() -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        # left at exit, as PyTorch asks: without it the interpreter's teardown can abort while
+        # the backend's threads still run (seen once in CI: SIGABRT, "terminate called
+        # without an active exception", after the run had finished)
+        atexit.register(_leave)
     return rank_world()
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:
