@@ -125,7 +125,7 @@ def test_first_seed_evaluates_only_the_later_seeds(tmp_path, capsys):
     assert json.loads((recal / "config.json").read_text())["methods"]["dense"] == {
         "seeds": 1, "first_seed": 1, "hparams": {}}
     md = (recal / "oneshot.md").read_text()
-    assert "1 seed(s) from seed 1" in md and ", 1 runs)" in md  # seed 0's log not counted
+    assert "1 seed(s) from seed 1" in md and ", 1 run)" in md  # seed 0's log not counted
     assert main([*base, "--first-seed", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "--first-seed must be >= 0" in capsys.readouterr().err
 
@@ -323,4 +323,4 @@ def test_training_time_leaves_out_a_paused_epoch(tmp_path):
     run = tmp_path / "runs" / "pilot" / "seed0"
     run.mkdir(parents=True)
     run.joinpath("log.jsonl").write_text("".join(f'{{"seconds": {s}}}\n' for s in (60, 60, 900)))
-    assert "pilot 3.0 min (3.0–3.0, 1 runs)" in wall_times([run])
+    assert "pilot 3.0 min (3.0–3.0, 1 run)" in wall_times([run])
