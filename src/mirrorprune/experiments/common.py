@@ -333,8 +333,8 @@ def wall_times(run_dirs: Iterable[Path]) -> str:
     def fmt(v: float) -> str:
         return f"{v:.1f}" if v < 10 else f"{v:.0f}"
 
-    parts = [f"{m} {fmt(statistics.median(v))} min ({fmt(min(v))}–{fmt(max(v))}, {len(v)} run{'s' * (len(v) != 1)})"
-             for m, v in minutes.items()]
+    parts = [f"{m} {fmt(statistics.median(v))} min ({fmt(min(v))}–{fmt(max(v))}, "
+             f"{len(v)} run{'s' * (len(v) != 1)})" for m, v in minutes.items()]
     return ("Training time per run (epochs × median epoch time, each epoch with its test "
             "evaluation; median and range over runs): " + "; ".join(parts) + ".")
 
