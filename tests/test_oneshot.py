@@ -1,4 +1,5 @@
 import csv
+import json
 
 import pytest
 import torch
@@ -128,6 +129,22 @@ def test_first_seed_evaluates_only_the_later_seeds(tmp_path, capsys):
     assert "1 seed(s) from seed 1" in md and ", 1 run)" in md  # seed 0's log not counted
     assert main([*base, "--first-seed", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "--first-seed must be >= 0" in capsys.readouterr().err
+
+
+def test_resume_compares_the_weights_selected(tmp_path, capsys):
+    """A run that kept a layer dense (--exclude) is another configuration: its run folder is
+    not resumed, nor reused, as one that prunes every layer."""
+    import shutil
+
+    base = ["oneshot", "--dataset", "digits", "--methods", "pilot", "--seeds", "1", "--epochs",
+            "1", "--quiet", "--resume", "--out"]
+    assert main([*base, str(tmp_path / "first"), "--exclude", "4"]) == 0
+    config = json.loads((tmp_path / "first/runs/pilot/seed0/config.json").read_text())
+    assert config["selection"] == {"exclude": ["4"]}
+    assert main([*base, str(tmp_path / "first"), "--exclude", "4"]) == 0
+    shutil.copytree(tmp_path / "first/runs", tmp_path / "runs-only/runs")
+    assert main([*base, str(tmp_path / "runs-only")]) == 2
+    assert "selection: {'exclude': ['4']} in the checkpoint, None now" in capsys.readouterr().err
 
 
 def test_oneshot_validation(tmp_path, capsys):

@@ -411,9 +411,22 @@ def _nonfinite_message(loss: torch.Tensor, run: Run, epoch: int) -> str:
 
 def run_config(cfg: TrainConfig, method: Method, lr_scale: float, dataset: str,
                train_size: int | None) -> dict:
-    """What a training run's checkpoint records and a resume must match."""
+    """What a training run's checkpoint records and a resume must match (the weights the
+    method prunes, when not its default selection, by name: a type or predicate object's
+    address would differ from one process to the next)."""
+    selection = {k: _names(v) for k, v in (("include", method.include),
+                                           ("exclude", method.exclude)) if _names(v)}
     return {**asdict(cfg), "method": method.name, "hparams": method.hp, "lr_scale": lr_scale,
-            "train_size": train_size, "dataset": dataset}
+            "train_size": train_size, "dataset": dataset,
+            **({"selection": selection} if selection else {})}
+
+
+def _names(selector: Any) -> list[str]:
+    """A module selector (globs, types, or a predicate) as names."""
+    if selector is None:
+        return []
+    items = (selector,) if isinstance(selector, str) or callable(selector) else selector
+    return [s if isinstance(s, str) else getattr(s, "__qualname__", repr(s)) for s in items]
 
 
 def _config_diff(saved: dict, config: dict, method: Method) -> str:
