@@ -210,3 +210,28 @@ def test_tune_says_when_the_knob_did_not_act(tmp_path, capsys):
                      "--quiet", "--sparsities", "0.8", flag, str(tuned / "tune.json"),
                      "--out", str(tmp_path / "t")]) == 2
         assert "made no difference" in capsys.readouterr().err
+
+
+def test_targets_reuse_a_finished_run_of_the_same_configuration(tmp_path, capsys):
+    """--reuse: a run whose configuration a finished oneshot run kept with its model has (GMP
+    aimed at 50% is oneshot's gmp.target=0.5) is copied and evaluated, not trained, and gives
+    the rows that training it gives; another configuration (60%, another weight decay) trains."""
+    shot = tmp_path / "oneshot"
+    assert main(["oneshot", "--dataset", "digits", "--methods", "gmp", "--hp", "gmp.target=0.5",
+                 "--seeds", "2", "--epochs", "1", "--out", str(shot), "--quiet"]) == 0
+    args = ["targets", "--dataset", "digits", "--methods", "gmp", "--sparsities", "0.5,0.6",
+            "--seeds", "1", "--first-seed", "1", "--epochs", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "trained")]) == 0
+    assert main([*args, "--reuse", str(shot), "--out", str(tmp_path / "reused")]) == 0
+    run = tmp_path / "reused/target0.5/runs/gmp/seed1"
+    assert (run / "reused_from.txt").read_text() == f"{shot / 'runs/gmp/seed1'}\n"
+    assert not (run / "checkpoint.pt").exists()  # evaluated, not trained
+    assert (tmp_path / "reused/target0.6/runs/gmp/seed1/checkpoint.pt").exists()
+    assert ((tmp_path / "reused/targets.csv").read_text()
+            == (tmp_path / "trained/targets.csv").read_text())
+    assert main([*args[:-1], "--weight-decay", "0.01", "--reuse", str(shot), "--quiet",
+                 "--out", str(tmp_path / "other")]) == 0
+    assert not list((tmp_path / "other").rglob("reused_from.txt"))
+    capsys.readouterr()
+    assert main([*args, "--reuse", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "--reuse: no such folder" in capsys.readouterr().err

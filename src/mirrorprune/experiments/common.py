@@ -170,6 +170,10 @@ class MethodsConfig(DataConfig):
     epochs: int | None = option(None, "override the preset's epochs")
     bn_recalibrate: bool = option(False, "re-estimate BatchNorm statistics after pruning (off, "
                                   "as in the paper)")
+    reuse: tuple[str, ...] = option((), "an earlier experiment's output folder: a run to be "
+                                    "trained here whose configuration a finished run kept there "
+                                    "with its model (final.pt) has is copied, not trained again",
+                                    repeat=True)
 
     def validate(self) -> None:
         check_options(self.methods, self.hparams, self.seeds, self.epochs)
@@ -177,11 +181,14 @@ class MethodsConfig(DataConfig):
             raise UsageError(f"--first-seed must be >= 0, got {self.first_seed}")
         check_parallel(self.parallel)
         preset(self.preset, self.dataset, self.model)
+        missing = [d for d in self.reuse if not Path(d).is_dir()]
+        if missing:
+            raise UsageError(f"--reuse: no such folder: {', '.join(missing)}")
 
     def shared(self) -> dict[str, Any]:
         """The settings every method of one output folder must share."""
         per_method = ("methods", "seeds", "first_seed", "hparams", "data_dir", "parallel",
-                      *self.per_method)
+                      "reuse", *self.per_method)
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in per_method}
 
     def seed_list(self) -> range:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -93,7 +94,7 @@ def run_one(cfg: OneshotConfig, method_name: str, seed: int, tr: ImageData, te: 
            "hparams": json.loads(json.dumps(method.hp, default=str))}
     final = rundir / "final.pt"
     if not (rundir / "checkpoint.pt").exists() and (final.exists() or sweep_file.exists()):
-        config = run_config(tcfg, method, scale, cfg.dataset, None)
+        config = _run_config(cfg, method, seed)
         if not final.exists():
             return _kept_results(rundir, key, config, method, resume)
         plain, unpruned = _final_model(cfg, tr, rundir, config, method, resume)
@@ -183,7 +184,8 @@ def run_many(jobs: list[Job], parallel: int, resume: bool, validation: float | N
     threads (a partial last round, a larger share; a GPU is shared); each writes only its own
     run folder. Returns the `resume` flag with which the caller then runs (or, after this,
     reads) the same runs in order. A worker's error (UsageError, non-finite loss, ...) is
-    raised here."""
+    raised here. Runs found in a `reuse` folder are copied first (`adopt_runs`)."""
+    resume = adopt_runs(jobs) or resume  # a copied run is read, as on resume
     if parallel <= 1:
         return resume
     total = torch.get_num_threads()
@@ -261,9 +263,45 @@ def check_runs(cfg: OneshotConfig, out: Path, resume: bool) -> None:
     check_out(out)
     for seed in cfg.seed_list():
         for name, method in methods.items():
-            scale = p["lr_scale_mw"] if method.uses_mw else 1.0
-            config = run_config(cfg.train_config(seed), method, scale, cfg.dataset, None)
-            check_resume(out / "runs" / name / f"seed{seed}", config, method, resume)
+            check_resume(out / "runs" / name / f"seed{seed}", _run_config(cfg, method, seed),
+                         method, resume)
+
+
+def _run_config(cfg: OneshotConfig, method: Method, seed: int) -> dict:
+    """The configuration that `method`'s run of `seed` records (`train.run_config`)."""
+    p = preset(cfg.preset, cfg.dataset, cfg.model)
+    scale = p["lr_scale_mw"] if method.uses_mw else 1.0
+    return run_config(cfg.train_config(seed), method, scale, cfg.dataset, None)
+
+
+def adopt_runs(jobs: list[Job]) -> bool:
+    """Copy into each job's run folder that does not exist yet a finished run of the same
+    configuration kept with its model under a folder its config names in `reuse` (say, a
+    oneshot run that a targets table needs too): its final.pt, config.json and logs, and
+    reused_from.txt naming it. The copy is evaluated, not trained. Whether any was copied."""
+    copied = False
+    for cfg, m, seed, out, _ in jobs:
+        rundir = out / "runs" / m / f"seed{seed}"
+        if not cfg.reuse or rundir.exists():
+            continue
+        method = create_method(m, exclude=cfg.exclude, **cfg.hparams.get(m, {}))
+        config = _run_config(cfg, method, seed)
+        found = next((d for src in cfg.reuse
+                      for d in sorted(Path(src).glob(f"**/runs/{m}/seed{seed}"))
+                      if (d / "final.pt").exists()
+                      and recorded_config_matches(d, config, method)), None)
+        if found is None:
+            continue
+        copied = True
+        if is_main():  # one copy; the other ranks wait for it (below)
+            rundir.mkdir(parents=True)
+            for f in ("final.pt", "config.json", "log.csv", "log.jsonl"):
+                if (found / f).exists():
+                    shutil.copy2(found / f, rundir / f)
+            write_text(rundir / "reused_from.txt", f"{found}\n")
+    if copied and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return copied
 
 
 def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool = False

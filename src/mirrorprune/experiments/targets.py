@@ -98,7 +98,7 @@ def plan(cfg: TargetsConfig, epoch_lr: float) -> dict[tuple[str, str], list[floa
 def _oneshot(cfg: TargetsConfig, m: str, hp_json: str) -> OneshotConfig:
     return OneshotConfig(**cfg.data_options(), methods=(m,), hparams={m: json.loads(hp_json)},
                          epochs=cfg.epochs, bn_recalibrate=cfg.bn_recalibrate, seeds=cfg.seeds,
-                         first_seed=cfg.first_seed)
+                         first_seed=cfg.first_seed, reuse=cfg.reuse)
 
 
 def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool = False
