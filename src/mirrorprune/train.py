@@ -414,8 +414,8 @@ def run_config(cfg: TrainConfig, method: Method, lr_scale: float, dataset: str,
     """What a training run's checkpoint records and a resume must match (the weights the
     method prunes, when not its default selection, by name: a type or predicate object's
     address would differ from one process to the next)."""
-    selection = {k: _names(v) for k, v in (("include", method.include),
-                                           ("exclude", method.exclude)) if _names(v)}
+    selection = {k: names for k, v in (("include", method.include),
+                                       ("exclude", method.exclude)) if (names := _names(v))}
     return {**asdict(cfg), "method": method.name, "hparams": method.hp, "lr_scale": lr_scale,
             "train_size": train_size, "dataset": dataset,
             **({"selection": selection} if selection else {})}
