@@ -144,7 +144,7 @@ def test_resume_compares_the_weights_selected(tmp_path, capsys):
     assert main([*base, str(tmp_path / "first"), "--exclude", "4"]) == 0
     shutil.copytree(tmp_path / "first/runs", tmp_path / "runs-only/runs")
     assert main([*base, str(tmp_path / "runs-only")]) == 2
-    assert "selection: {'exclude': ['4']} in the checkpoint, None now" in capsys.readouterr().err
+    assert "selection: {'exclude': ['4']} in the checkpoint, not set now" in capsys.readouterr().err
 
 
 def test_oneshot_validation(tmp_path, capsys):

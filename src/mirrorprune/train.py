@@ -439,7 +439,11 @@ def _config_diff(saved: dict, config: dict, method: Method) -> str:
     if isinstance(now.get("hparams"), dict):
         now["hparams"] = method.comparable(now["hparams"])
     keys = [k for k in sorted(set(saved) | set(now)) if now.get(k, 0) is not None]
-    return "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+
+    def shown(d: dict, k: str) -> str:  # an absent key is "not set" (e.g. the default selection)
+        return repr(d[k]) if k in d else "not set"
+
+    return "; ".join(f"{k}: {shown(saved, k)} in the checkpoint, {shown(now, k)} now"
                      for k in keys if saved.get(k) != now.get(k))
 
 
