@@ -389,8 +389,9 @@ def ordered(rows: list[dict], key: str) -> tuple[str, ...]:
 def plot_curves(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str,
                 xlabel: str, ticks: tuple[float, ...]) -> None:
     """Accuracy against sparsity: one line per name through its (sparsity, mean, 95% CI
-    half-width) points (accuracies in [0, 1]), with a band for the CI, on a −log10(1 − s) axis
-    that spreads out the high sparsities."""
+    half-width) points (accuracies in [0, 1]), with a band for the CI (clipped to 0–100%: with
+    two seeds the t-interval is wide enough to leave the possible range), on a −log10(1 − s)
+    axis that spreads out the high sparsities."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -405,8 +406,9 @@ def plot_curves(curves: dict[str, list[tuple[float, float, float]]], path: Path,
         y = [100 * m for _, m, _ in pts]
         h = [0.0 if math.isnan(c) else 100 * c for _, _, c in pts]
         line, = ax.plot(x, y, marker=".", label=name)
-        ax.fill_between(x, [a - b for a, b in zip(y, h)], [a + b for a, b in zip(y, h)],
-                        color=line.get_color(), alpha=0.2)
+        ax.fill_between(x, [max(a - b, 0.0) for a, b in zip(y, h)],
+                        [min(a + b, 100.0) for a, b in zip(y, h)], color=line.get_color(),
+                        alpha=0.2)
     ax.set_xticks([pos(t) for t in ticks], [f"{t:.1%}" for t in ticks])
     ax.set(xlabel=xlabel, ylabel="test accuracy (%), mean ± 95% CI", title=title)
     ax.grid(alpha=0.3)
