@@ -341,3 +341,18 @@ def test_training_time_leaves_out_a_paused_epoch(tmp_path):
     run.mkdir(parents=True)
     run.joinpath("log.jsonl").write_text("".join(f'{{"seconds": {s}}}\n' for s in (60, 60, 900)))
     assert "pilot 3.0 min (3.0–3.0, 1 run)" in wall_times([run])
+
+
+def test_plot_bands_stay_within_possible_accuracies(tmp_path, monkeypatch):
+    """Two seeds give a t-interval wider than the 0–100% an accuracy can take: the band is
+    clipped there, the line (the mean) is not touched."""
+    from mirrorprune.experiments import common
+
+    figs = []
+    monkeypatch.setattr(common, "save_figure", lambda fig, path: figs.append(fig))
+    common.plot_curves({"a": [(0.5, 0.95, 0.3), (0.9, 0.05, 0.3), (0.99, 0.5, float("nan"))]},
+                       tmp_path / "p.png", "t", "x", (0.5, 0.9))
+    ax = figs[0].axes[0]
+    ys = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == 0.0 and ys.max() == 100.0
+    assert list(ax.lines[0].get_ydata()) == [95.0, 5.0, 50.0]
