@@ -10,9 +10,11 @@
 # Environment: METHODS (dense,pilot,l1,spred), SEEDS (1; then 2, 3: finished seeds are reused),
 # PARALLEL (default: every run at once), EPOCHS (default: the preset's 150), COMPILE=1
 # (torch.compile), HP (extra options, e.g. "--hp-from tune.json" or "--hp l1.lam=5e-5"),
-# PYTHON (python3), DATA (the folder holding cifar10-jpeg.tar.gz or cifar-10-batches-py).
+# PYTHON (python3), DATA (the folder holding cifar10-jpeg.tar.gz or cifar-10-batches-py),
+# BNRECAL=1 (then also the table after BatchNorm recalibration, in OUT-bnrecal: the trained
+# models evaluated again, no training).
 # Writes OUT/oneshot.{csv,md,png}, OUT/runs/METHOD/seedN/ and OUT/gpu.json (device, wall
-# time, aggregate throughput in training images per second).
+# time of the training pass, aggregate throughput in training images per second).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/paper-cifar10-gpu}
@@ -23,12 +25,14 @@ RUNS=$(( $(echo "$METHODS" | tr ',' '\n' | grep -c .) * SEEDS ))
 PARALLEL=${PARALLEL:-$RUNS}
 $PY -c "import torch, sys; torch.cuda.is_available() or sys.exit('no GPU here: gpu_paper.sh is for a machine with one (the cpu and cpu-full presets are for CPUs)')"
 mkdir -p "$OUT"
+oneshot() {  # the paper preset's runs; extra options, then the output folder, last
+  # shellcheck disable=SC2086
+  $PY -m mirrorprune oneshot --dataset cifar10 --model resnet20 --preset paper \
+    --methods "$METHODS" --seeds "$SEEDS" --parallel "$PARALLEL" --resume --quiet \
+    ${EPOCHS:+--epochs "$EPOCHS"} ${DATA:+--data-dir "$DATA"} ${HP:-} "$@"
+}
 t0=$(date +%s.%N)
-# shellcheck disable=SC2086
-$PY -m mirrorprune oneshot --dataset cifar10 --model resnet20 --preset paper \
-  --methods "$METHODS" --seeds "$SEEDS" --parallel "$PARALLEL" --resume --quiet \
-  ${EPOCHS:+--epochs "$EPOCHS"} ${COMPILE:+--compile} ${DATA:+--data-dir "$DATA"} ${HP:-} \
-  --out "$OUT" | tee "$OUT/stdout.txt"
+oneshot ${COMPILE:+--compile} --out "$OUT" | tee "$OUT/stdout.txt"
 t1=$(date +%s.%N)
 $PY - "$OUT" "$t0" "$t1" "$RUNS" "$PARALLEL" <<'PY'
 import json, sys, glob, torch
@@ -46,3 +50,7 @@ info = {"device": torch.cuda.get_device_name(0), "memory_gib": round(p.total_mem
 json.dump(info, open(f"{out}/gpu.json", "w"), indent=1)
 print(json.dumps(info))
 PY
+if [ -n "${BNRECAL:-}" ]; then
+  bash benchmarks/recal_copy.sh "$OUT" && mkdir -p "$OUT-bnrecal"
+  oneshot --bn-recalibrate --out "$OUT-bnrecal" | tee "$OUT-bnrecal/stdout.txt"
+fi
