@@ -356,3 +356,45 @@ def test_plot_bands_stay_within_possible_accuracies(tmp_path, monkeypatch):
     ys = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert ys.min() == 0.0 and ys.max() == 100.0
     assert list(ax.lines[0].get_ydata()) == [95.0, 5.0, 50.0]
+
+
+def test_recal_copy_lets_the_recalibrated_pass_evaluate_without_training(tmp_path, capsys):
+    """benchmarks/recal_copy.sh (used by cifar10_full.sh and gpu_paper.sh) copies each trained
+    run into OUT-bnrecal, where --resume --bn-recalibrate evaluates its model again: no epoch
+    is trained, the sweep says it was recalibrated, and a second copy leaves it alone."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "recal_copy.sh"
+    out = tmp_path / "exp"
+    args = ["oneshot", "--dataset", "digits", "--methods", "dense,pilot", "--seeds", "1",
+            "--epochs", "1", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    subprocess.run(["bash", str(script), str(out)], check=True)
+    recal = tmp_path / "exp-bnrecal"
+    log = (out / "runs/pilot/seed0/log.jsonl").read_text()
+    assert (recal / "runs/pilot/seed0/final.pt").exists()
+    assert main([*args, "--resume", "--bn-recalibrate", "--out", str(recal)]) == 0
+    assert (recal / "runs/pilot/seed0/log.jsonl").read_text() == log  # not trained again
+    sweep = json.loads((recal / "runs/pilot/seed0/sweep.json").read_text())
+    assert sweep["key"]["bn_recalibrate"] == "train-augmentation"
+    (recal / "runs/pilot/seed0/final.pt").unlink()
+    subprocess.run(["bash", str(script), str(out)], check=True)  # evaluated: not copied again
+    assert not (recal / "runs/pilot/seed0/final.pt").exists()
+    capsys.readouterr()
+
+
+def test_gpu_paper_script_refuses_a_machine_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_paper.sh"
+    r = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True,
+                       text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert r.returncode != 0 and "no GPU here" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
