@@ -1,5 +1,9 @@
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,8 @@ from mirrorprune.cli import main
 from mirrorprune.experiments import oneshot
 
 pytest.importorskip("matplotlib")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_oneshot_digits_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
@@ -362,11 +368,7 @@ def test_recal_copy_lets_the_recalibrated_pass_evaluate_without_training(tmp_pat
     """benchmarks/recal_copy.sh (used by cifar10_full.sh and gpu_paper.sh) copies each trained
     run into OUT-bnrecal, where --resume --bn-recalibrate evaluates its model again: no epoch
     is trained, the sweep says it was recalibrated, and a second copy leaves it alone."""
-    import json
-    import subprocess
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "recal_copy.sh"
+    script = BENCHMARKS / "recal_copy.sh"
     out = tmp_path / "exp"
     args = ["oneshot", "--dataset", "digits", "--methods", "dense,pilot", "--seeds", "1",
             "--epochs", "1", "--quiet"]
@@ -386,15 +388,10 @@ def test_recal_copy_lets_the_recalibrated_pass_evaluate_without_training(tmp_pat
 
 
 def test_gpu_paper_script_refuses_a_machine_without_a_gpu(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_paper.sh"
-    r = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True,
-                       text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    r = subprocess.run(["bash", str(BENCHMARKS / "gpu_paper.sh"), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode != 0 and "no GPU here" in r.stderr
     assert not (tmp_path / "out").exists()  # nothing written
