@@ -53,7 +53,6 @@ def test_finished_runs_kept_as_results_without_checkpoints(tmp_path, capsys):
     checkpoint) is enough to resume: the table is rebuilt without training, and final.pt
     evaluates the run again (the same rows; or after BatchNorm recalibration). Without
     final.pt, anything that would need the model again is refused, not trained over."""
-    import json
     import shutil
 
     base = ["oneshot", "--dataset", "digits", "--methods", "dense,pilot", "--seeds", "1",
@@ -109,7 +108,6 @@ def test_first_seed_evaluates_only_the_later_seeds(tmp_path, capsys):
     """--first-seed K runs seeds K, ..., K+SEEDS-1: a recalibrated table over the seeds whose
     models were kept trains nothing (seed 0, kept without a model, is left out, not trained
     again); a reused run keeps the final.pt it wrote (a committed file does not churn)."""
-    import json
     import shutil
 
     base = ["oneshot", "--dataset", "digits", "--methods", "dense", "--epochs", "1", "--quiet"]
@@ -162,7 +160,6 @@ def test_oneshot_validation(tmp_path, capsys):
 
 
 def test_other_methods_add_rows_and_rerun_methods_replace_theirs(tmp_path, capsys):
-    import json
 
     base = ["oneshot", "--dataset", "digits", "--seeds", "1", "--epochs", "1", "--quiet",
             "--out", str(tmp_path)]
@@ -189,7 +186,6 @@ def test_other_methods_add_rows_and_rerun_methods_replace_theirs(tmp_path, capsy
 
 
 def test_folders_of_the_first_release_can_be_extended(tmp_path):
-    import json
     from pathlib import Path
 
     from mirrorprune.experiments.common import previous_config
@@ -266,7 +262,6 @@ def test_tune_can_validate_after_batchnorm_recalibration(tmp_path, capsys):
     """--bn-recalibrate re-estimates BatchNorm statistics on the training split after pruning,
     before validating (a short-budget BatchNorm net pruned to 90%+ is near chance for every
     value otherwise); the same trained runs re-evaluated without it give other numbers."""
-    import json
 
     args = ["tune", "--dataset", "digits", "--model", "resnet20", "--method", "l1", "--grid",
             "lam=1e-5,1e-4", "--levels", "0.9", "--epochs", "1", "--quiet", "--out",
@@ -303,7 +298,6 @@ def test_tune_says_when_the_choice_sits_at_the_grid_edge():
 def test_tune_chooses_a_training_option_and_oneshot_takes_it(tmp_path, capsys):
     """weight_decay is a training option: tune grids it (here for dense, unpruned), writes the
     choice under "training", and --weight-decay carries it into the run configuration."""
-    import json
 
     out = tmp_path / "wd"
     assert main(["tune", "--dataset", "digits", "--model", "lenet_300_100", "--method", "dense",

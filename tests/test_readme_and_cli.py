@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -48,7 +49,6 @@ def test_demo_pilot_beats_dense_at_95_percent():
 
 
 def test_cli_demo_writes_what_it_prints(capsys, tmp_path):
-    import json
 
     # two epochs are a short flow time: a small strength (the default needs longer runs)
     assert main(["demo", "--seeds", "1", "--epochs", "2", "--strength", "0.05", "--quiet",

@@ -1,4 +1,5 @@
 import csv
+import json
 
 import pytest
 
@@ -68,7 +69,6 @@ def test_targets_of_other_methods_are_kept(tmp_path):
 
 
 def test_targets_in_parallel_with_speed_options_equal_sequential_runs(tmp_path):
-    import json
 
     import torch
 
@@ -91,7 +91,6 @@ def test_targets_in_parallel_with_speed_options_equal_sequential_runs(tmp_path):
 def test_tune_chooses_per_level_and_targets_aims_by_it(tmp_path, capsys):
     """tune records, per level, the value best on validation there (among those whose own
     model reaches the level exactly); targets --aim-from trains each target with it."""
-    import json
 
     from mirrorprune.experiments.tune import per_level
 
@@ -139,7 +138,6 @@ def test_tune_aimed_trains_each_value_at_each_level_and_targets_aims_by_it(tmp_p
     """tune --aim trains each grid value once per level, aimed at it as targets aims the
     method (pilot: its target controller at that level), and validates it there only; the
     per-level choice is what targets --aim-from trains each target with."""
-    import json
 
     tuned = tmp_path / "tune"
     assert main(["tune", "--dataset", "digits", "--method", "pilot", "--aim", "--grid",
@@ -189,7 +187,6 @@ def test_tune_says_when_the_knob_did_not_act(tmp_path, capsys):
     """A knob that cannot act is refused before training (another schedule's); one that did
     not act on the budget (PILoT's controller decides after each epoch: with one epoch its
     mass_tol changes nothing) is reported, recorded, and not passed on as a choice."""
-    import json
 
     from mirrorprune.experiments.tune import no_effect
 
