@@ -160,7 +160,6 @@ def test_oneshot_validation(tmp_path, capsys):
 
 
 def test_other_methods_add_rows_and_rerun_methods_replace_theirs(tmp_path, capsys):
-
     base = ["oneshot", "--dataset", "digits", "--seeds", "1", "--epochs", "1", "--quiet",
             "--out", str(tmp_path)]
     assert main([*base, "--methods", "dense,gmp", "--hp", "gmp.target=0.5"]) == 0

@@ -49,7 +49,6 @@ def test_demo_pilot_beats_dense_at_95_percent():
 
 
 def test_cli_demo_writes_what_it_prints(capsys, tmp_path):
-
     # two epochs are a short flow time: a small strength (the default needs longer runs)
     assert main(["demo", "--seeds", "1", "--epochs", "2", "--strength", "0.05", "--quiet",
                  "--json", str(tmp_path / "d.json")]) == 0

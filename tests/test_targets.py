@@ -69,7 +69,6 @@ def test_targets_of_other_methods_are_kept(tmp_path):
 
 
 def test_targets_in_parallel_with_speed_options_equal_sequential_runs(tmp_path):
-
     import torch
 
     threads = torch.get_num_threads()
