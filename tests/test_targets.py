@@ -20,6 +20,21 @@ def test_targets_exports_exactly_each_target(tmp_path, capsys):
     assert md.count(" ± ") == 5  # 2 headers, 2 cells, gmp − pilot
     assert "| gmp | " in md.split("| method − pilot | 90% |")[1]
     assert "Training time per run" in md and "pilot " in md and "2 runs" in md
+    assert "(at " not in md and (tmp_path / "targets.png").stat().st_size > 0
+
+
+def test_cells_of_models_sparser_than_their_target_give_their_sparsity(tmp_path):
+    # STR's threshold can leave a model sparser than the target: pruning cannot undo that,
+    # so its cells are not at the target and the table and plot say where they are
+    rows = [{"method": m, "seed": s, "target": t, "accuracy": a,
+             "actual_sparsity": t if m == "gmp" else 0.958 + s / 1000}
+            for m, a in (("gmp", 0.85), ("str", 0.80)) for s in (1, 2) for t in (0.9, 0.95)]
+    md = targets.markdown(rows, ("gmp", "str"))
+    assert "| gmp | 85.00 ± 0.00 | 85.00 ± 0.00 |" in md
+    assert md.count("(at 96.0%)") == 2  # mean of 95.9% and 96.0%
+    assert targets.cells(rows, ("str",))["str"][0.9]["actual"] == pytest.approx(0.9595)
+    targets.plot(rows, ("gmp", "str"), "t", tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
 
 
 def test_targets_sharing_hyperparameters_share_one_run(tmp_path):

@@ -30,6 +30,7 @@ from .common import (
     merge_rows,
     ordered,
     paired_differences,
+    plot_curves,
     preset,
     previous_config,
     recorded_seeds,
@@ -156,9 +157,13 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                         "provenance": provenance(), "train_size": len(tr),
                         "test_size": len(te)})
     write_rows(out / "targets.csv", rows)
-    write_text(out / "targets.md", f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
-                                    f"{seeds_label(runs[m] for m in methods)}, {len(tr)} training "
-                                    "images\n\nTest accuracy (%) at exactly the target sparsity"
+    title = (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
+             f"{seeds_label(runs[m] for m in methods)}, {len(tr)} training images")
+    plot(rows, methods, title + (" (BatchNorm recalibrated)" if cfg.bn_recalibrate else ""),
+         out / "targets.png")
+    write_text(out / "targets.md", f"{title}\n\nTest accuracy (%) at the target sparsity"
+                                    " (pruned to exactly it; in brackets the sparsity a model"
+                                    " kept where training left it sparser)"
                                     + (", BatchNorm statistics re-estimated after pruning"
                                        if cfg.bn_recalibrate else "")
                                     + f", mean ± 95% CI over seeds.\n\n{table}\n\n"
@@ -170,25 +175,55 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                                                  for d in out.glob(f"target*/runs/{m}/seed{s}"))
                                     + "\n")
     return {"table": table, "rows": rows, "seconds": time.time() - t0,
-            "files": ["targets.csv", "targets.md", "config.json", "target*/runs/"]}
+            "files": ["targets.csv", "targets.md", "targets.png", "config.json", "target*/runs/"]}
+
+
+# a model sparser than its target by more than this (a fraction) is flagged: pruning cannot
+# bring it back to the target, so its cell is not at the target's sparsity
+OVERSHOOT = 5e-4
+
+
+def cells(rows: list[dict], methods: tuple[str, ...]) -> dict[str, dict[float, dict]]:
+    """Per method and target: accuracy mean and 95% CI half-width, and the mean sparsity the
+    models actually have there (above the target where training left them sparser)."""
+    out: dict[str, dict[float, dict]] = {}
+    for m in methods:
+        for s in sorted({r["target"] for r in rows}):
+            sel = [r for r in rows if r["method"] == m and r["target"] == s]
+            if sel:
+                out.setdefault(m, {})[s] = {
+                    "ci": mean_ci([r["accuracy"] for r in sel]),
+                    "actual": sum(r["actual_sparsity"] for r in sel) / len(sel)}
+    return out
 
 
 def markdown(rows: list[dict], methods: tuple[str, ...]) -> str:
     """Mean ± 95% CI per method and target (the targets of `rows`, ascending; – where a method
-    was not run at a target)."""
+    was not run at a target; the actual sparsity in brackets where the models were sparser than
+    the target)."""
     targets = sorted({r["target"] for r in rows})
+    table = cells(rows, methods)
     lines = ["| method | " + " | ".join(f"{s:.0%}" for s in targets) + " |",
              "|" + "---|" * (len(targets) + 1)]
     for m in methods:
-        cells = []
+        row = []
         for s in targets:
-            accs = [r["accuracy"] for r in rows if r["method"] == m and r["target"] == s]
-            if not accs:
-                cells.append("–")
+            c = table.get(m, {}).get(s)
+            if c is None:
+                row.append("–")
                 continue
-            cells.append(show(*mean_ci(accs)))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            over = c["actual"] - s > OVERSHOOT
+            row.append(show(*c["ci"]) + (f" (at {c['actual']:.1%})" if over else ""))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], methods: tuple[str, ...], title: str, path: Path) -> None:
+    """Accuracy against the sparsity each method actually has at each target."""
+    curves = {m: [(c["actual"], *c["ci"]) for _, c in sorted(by.items())]
+              for m, by in cells(rows, methods).items()}
+    plot_curves(curves, path, title, "sparsity after pruning to each target (above it where "
+                "training left the model sparser)", tuple(sorted({r["target"] for r in rows})))
 
 
 CONFIG = TargetsConfig  # the command line's options (cli.py)
