@@ -185,8 +185,6 @@ def test_other_methods_add_rows_and_rerun_methods_replace_theirs(tmp_path, capsy
 
 
 def test_folders_of_the_first_release_can_be_extended(tmp_path):
-    from pathlib import Path
-
     from mirrorprune.experiments.common import previous_config
 
     # the config.json release 0.1 wrote for results/oneshot-mnist (from git history)

@@ -187,8 +187,9 @@ def cells(rows: list[dict], methods: tuple[str, ...]) -> dict[str, dict[float, d
     """Per method and target: accuracy mean and 95% CI half-width, and the mean sparsity the
     models actually have there (above the target where training left them sparser)."""
     out: dict[str, dict[float, dict]] = {}
+    targets = sorted({r["target"] for r in rows})
     for m in methods:
-        for s in sorted({r["target"] for r in rows}):
+        for s in targets:
             sel = [r for r in rows if r["method"] == m and r["target"] == s]
             if sel:
                 out.setdefault(m, {})[s] = {
