@@ -21,6 +21,12 @@ def test_targets_exports_exactly_each_target(tmp_path, capsys):
     assert "| gmp | " in md.split("| method − pilot | 90% |")[1]
     assert "Training time per run" in md and "pilot " in md and "2 runs" in md
     assert "(at " not in md and (tmp_path / "targets.png").stat().st_size > 0
+    # the controller's input and output each epoch are in the log: the mass pruning to the
+    # target would remove (the same weights as the mass90 diagnostic) and the new rate
+    log = tmp_path / "target0.9" / "runs" / "pilot" / "seed0" / "log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["mass_at_target"] for r in rows] == pytest.approx([r["mass90"] for r in rows])
+    assert all(r["rate"] >= 0 for r in rows) and len(rows) == 2
 
 
 def test_cells_of_models_sparser_than_their_target_give_their_sparsity(tmp_path):

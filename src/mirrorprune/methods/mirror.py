@@ -219,7 +219,9 @@ class PilotMethod(DecayedMirror):
     def end_epoch(self, epoch, row):
         sched = self.pilot.schedule
         if isinstance(sched, S.TargetController):
-            sched.observe(epoch, row["train_acc"], pruned_mass(self.weights(), sched.target))
+            # logged, so that how the controller steered can be read from log.jsonl alone
+            row["mass_at_target"] = pruned_mass(self.weights(), sched.target)
+            row["rate"] = sched.observe(epoch, row["train_acc"], row["mass_at_target"])
 
 
 @register_method("pilot_opt")
