@@ -352,6 +352,11 @@ def test_plot_bands_stay_within_possible_accuracies(tmp_path, monkeypatch):
     ax = figs[0].axes[0]
     ys = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert ys.min() == 0.0 and ys.max() == 100.0
+    long = "cifar10 resnet20, preset cpu-full, 2 seed(s) from seed 1, 45000 training images, " \
+           "BatchNorm recalibrated after pruning"
+    common.plot_curves({"a": [(0.5, 0.9, 0.0)]}, tmp_path / "p.png", long, "x", (0.5,))
+    title = figs[1].axes[0].get_title()  # wrapped onto lines the figure's width holds
+    assert title.replace("\n", " ") == long and max(map(len, title.splitlines())) <= 80
     assert list(ax.lines[0].get_ydata()) == [95.0, 5.0, 50.0]
 
 
@@ -372,6 +377,9 @@ def test_recal_copy_lets_the_recalibrated_pass_evaluate_without_training(tmp_pat
     assert (recal / "runs/pilot/seed0/log.jsonl").read_text() == log  # not trained again
     sweep = json.loads((recal / "runs/pilot/seed0/sweep.json").read_text())
     assert sweep["key"]["bn_recalibrate"] == "train-augmentation"
+    # the table says how it was evaluated, not only the folder's name
+    assert "BatchNorm recalibrated" in (recal / "oneshot.md").read_text().splitlines()[0]
+    assert "BatchNorm" not in (out / "oneshot.md").read_text().splitlines()[0]
     (recal / "runs/pilot/seed0/final.pt").unlink()
     subprocess.run(["bash", str(script), str(out)], check=True)  # evaluated: not copied again
     assert not (recal / "runs/pilot/seed0/final.pt").exists()

@@ -10,6 +10,7 @@ import json
 import math
 import statistics
 import tempfile
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -217,6 +218,14 @@ def seeds_label(runs: Iterable[dict]) -> str:
     return label + (f" from seed {'/'.join(map(str, firsts))}" if firsts != [0] else "")
 
 
+def results_title(cfg: Any, runs: Iterable[dict], train_size: int) -> str:
+    """The first line of a results table and its plot's title: what was trained, on what, with
+    how many seeds, and whether the models were evaluated after BatchNorm recalibration."""
+    return (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, {seeds_label(runs)}, "
+            f"{train_size} training images"
+            + (", BatchNorm recalibrated after pruning" if cfg.bn_recalibrate else ""))
+
+
 def check_out(out: Path) -> None:
     """UsageError unless `out` is, or can be created as, a folder we can write to (checked by
     creating and removing an unnamed file in the nearest existing folder: nothing is left)."""
@@ -410,7 +419,8 @@ def plot_curves(curves: dict[str, list[tuple[float, float, float]]], path: Path,
                         [min(a + b, 100.0) for a, b in zip(y, h)], color=line.get_color(),
                         alpha=0.2)
     ax.set_xticks([pos(t) for t in ticks], [f"{t:.1%}" for t in ticks])
-    ax.set(xlabel=xlabel, ylabel="test accuracy (%), mean ± 95% CI", title=title)
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%), mean ± 95% CI")
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)  # a long title is wrapped, not cut
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

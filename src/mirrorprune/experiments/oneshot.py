@@ -60,7 +60,7 @@ from .common import (
     preset,
     previous_config,
     recorded_seeds,
-    seeds_label,
+    results_title,
     wall_times,
 )
 
@@ -335,8 +335,7 @@ def run(cfg: OneshotConfig, out: str | Path, progress: bool = True, resume: bool
         "train_size": len(tr), "test_size": len(te), "provenance": provenance()})
     summary = summarize(rows, methods)
     write_rows(out / "oneshot.csv", rows)
-    title = (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
-             f"{seeds_label(runs[m] for m in methods)}, {len(tr)} train images")
+    title = results_title(cfg, (runs[m] for m in methods), len(tr))
     plot(summary, methods, title, out / "oneshot.png")
     table = markdown_table(rows, summary, methods)
     times = wall_times(out / "runs" / m / f"seed{s}" for m in methods

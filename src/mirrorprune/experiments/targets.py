@@ -34,7 +34,7 @@ from .common import (
     preset,
     previous_config,
     recorded_seeds,
-    seeds_label,
+    results_title,
     train_size,
     wall_times,
 )
@@ -157,16 +157,12 @@ def run(cfg: TargetsConfig, out: str | Path, progress: bool = True, resume: bool
                         "provenance": provenance(), "train_size": len(tr),
                         "test_size": len(te)})
     write_rows(out / "targets.csv", rows)
-    title = (f"{cfg.dataset} {cfg.model}, preset {cfg.preset}, "
-             f"{seeds_label(runs[m] for m in methods)}, {len(tr)} training images")
-    plot(rows, methods, title + (" (BatchNorm recalibrated)" if cfg.bn_recalibrate else ""),
-         out / "targets.png")
+    title = results_title(cfg, (runs[m] for m in methods), len(tr))
+    plot(rows, methods, title, out / "targets.png")
     write_text(out / "targets.md", f"{title}\n\nTest accuracy (%) at the target sparsity"
                                     " (pruned to exactly it; in brackets the sparsity a model"
-                                    " kept where training left it sparser)"
-                                    + (", BatchNorm statistics re-estimated after pruning"
-                                       if cfg.bn_recalibrate else "")
-                                    + f", mean ± 95% CI over seeds.\n\n{table}\n\n"
+                                    " kept where training left it sparser), mean ± 95% CI"
+                                    f" over seeds.\n\n{table}\n\n"
                                     + paired_differences(rows, methods, "target",
                                                          sorted({r["target"] for r in rows}))
                                     + "\n\n"
