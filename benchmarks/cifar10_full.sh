@@ -47,7 +47,7 @@ bash benchmarks/tune_oneshot.sh "${1:-results/oneshot-cifar10-full}"
 MP=${MIRRORPRUNE:-.venv/bin/mirrorprune}
 T=${2:-results/targets-cifar10-full}
 for recal in "" --bn-recalibrate; do
-  if [ -n "$recal" ]; then bash benchmarks/recal_copy.sh "$T"; fi
+  if [ -n "$recal" ]; then bash benchmarks/recal_copy.sh "$T" 1; fi
   # shellcheck disable=SC2086
   $MP targets --dataset cifar10 --model resnet20 --preset cpu-full --resume --quiet \
     --sparsities 0.9,0.95,0.98 --methods pilot,gmp,str,spred --seeds "${TARGET_SEEDS:-2}" \

@@ -59,8 +59,8 @@ $MP oneshot $COMMON --seeds "$SEEDS" --methods "$(echo $METHODS | tr ' ' ,)" $HP
 # BNRECAL=1: the same trained runs evaluated after re-estimating BatchNorm statistics, in
 # OUT-bnrecal (a folder of its own: its settings differ; the runs are copied, not retrained)
 if [ -n "${BNRECAL:-}" ]; then
-  bash benchmarks/recal_copy.sh "$OUT"
   K=${RECAL_FIRST_SEED:-0}
+  bash benchmarks/recal_copy.sh "$OUT" "$K"
   # shellcheck disable=SC2086
   $MP oneshot $COMMON --first-seed "$K" --seeds $((SEEDS - K)) \
     --methods "$(echo $METHODS | tr ' ' ,)" $HPFROM \

@@ -369,8 +369,10 @@ def test_recal_copy_lets_the_recalibrated_pass_evaluate_without_training(tmp_pat
     args = ["oneshot", "--dataset", "digits", "--methods", "dense,pilot", "--seeds", "1",
             "--epochs", "1", "--quiet"]
     assert main([*args, "--out", str(out)]) == 0
-    subprocess.run(["bash", str(script), str(out)], check=True)
     recal = tmp_path / "exp-bnrecal"
+    subprocess.run(["bash", str(script), str(out), "1"], check=True)  # from seed 1: none
+    assert not recal.exists()
+    subprocess.run(["bash", str(script), str(out)], check=True)
     log = (out / "runs/pilot/seed0/log.jsonl").read_text()
     assert (recal / "runs/pilot/seed0/final.pt").exists()
     assert main([*args, "--resume", "--bn-recalibrate", "--out", str(recal)]) == 0
