@@ -37,15 +37,22 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, method):
     with pytest.raises(_Interrupt):
         _run(tmp_path / "b", method, stop_at=2)
     assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+    cfg_file = tmp_path / "b" / "config.json"
+    started = {**json.loads(cfg_file.read_text()), "provenance": {"date": "when it started"}}
+    cfg_file.write_text(json.dumps(started))
     model, log = _run(tmp_path / "b", method)
+    # the resume keeps who started the run and adds who continued it, and after which epoch
+    record = json.loads(cfg_file.read_text())
+    assert record["provenance"] == {"date": "when it started"}
+    assert [r["after_epoch"] for r in record["resumed"]] == [2]
+    assert {"git_commit", "command", "date"} <= record["resumed"][0].keys()
     for (k, v), w in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(v, w), k
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa
     assert drop(log) == drop(ref_log)
     assert (tmp_path / "b" / "log.csv").read_text().count("\n") == 5
     assert json.loads((tmp_path / "b" / "config.json").read_text())["method"] == method
-    # reading the finished run again keeps the record of the invocation that trained it
-    cfg_file = tmp_path / "b" / "config.json"
+    # reading the finished run again keeps the record of the invocations that trained it
     recorded = {**json.loads(cfg_file.read_text()), "provenance": {"date": "when it trained"}}
     cfg_file.write_text(json.dumps(recorded))
     _run(tmp_path / "b", method)

@@ -281,7 +281,8 @@ def setup(model: nn.Module, method: Method, train_size: int, dataset: str, cfg: 
         # run read again keeps the record of the invocation that trained it
         if rank == 0 and (ck is None or run.start < cfg.epochs):
             write_json(out / "config.json", {**run.config, "world_size": world,
-                                             "provenance": provenance()})
+                                             **run_provenance(out, None if ck is None
+                                                             else run.start)})
     run.net = model
     if world > 1:
         # after any resume: constructing DDP broadcasts rank 0's parameters and synchronizes
@@ -447,6 +448,22 @@ def _config_diff(saved: dict, config: dict, method: Method) -> str:
                      for k in keys if saved.get(k) != now.get(k))
 
 
+def run_provenance(out: Path, resumed_at: int | None) -> dict:
+    """What config.json records of the code and invocation behind a run: for a new run this
+    invocation's `provenance()`; for a resumed one, the invocation that started it (kept from
+    the config.json there) and, under "resumed", each one that continued it with the last epoch
+    trained before it — a run that spans sessions names every commit that trained it."""
+    now = provenance()
+    try:
+        before = json.loads((out / "config.json").read_text()) if resumed_at is not None else {}
+    except (OSError, ValueError):  # unreadable: the record starts here
+        before = {}
+    if "provenance" not in before:
+        return {"provenance": now}
+    return {"provenance": before["provenance"],
+            "resumed": [*before.get("resumed", []), {**now, "after_epoch": resumed_at}]}
+
+
 def recorded_config_matches(out: str | Path, config: dict, method: Method) -> bool:
     """Whether the run in `out` recorded (config.json) the configuration `config` — how a
     finished run whose checkpoint was removed (its results kept) is recognized."""
@@ -454,7 +471,7 @@ def recorded_config_matches(out: str | Path, config: dict, method: Method) -> bo
     if not path.exists():
         return False
     recorded = json.loads(path.read_text())
-    for k in ("world_size", "provenance"):  # recorded, not compared
+    for k in ("world_size", "provenance", "resumed"):  # recorded, not compared
         recorded.pop(k, None)
     return not _config_diff(recorded, config, method)
 
