@@ -29,7 +29,7 @@ from mirrorprune.data import ImageData  # noqa: E402
 from mirrorprune.files import write_json  # noqa: E402
 from mirrorprune.methods import create_method  # noqa: E402
 from mirrorprune.models import create_model  # noqa: E402
-from mirrorprune.provenance import provenance  # noqa: E402
+from mirrorprune.provenance import cpu_features, provenance  # noqa: E402
 from mirrorprune.train import TrainConfig, setup, train_step  # noqa: E402
 
 VARIANTS = {"fp32": {}, "bf16": {"precision": "bf16"},
@@ -105,7 +105,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(a), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "provenance": provenance()}
+            "machine": platform.processor() or platform.machine(), "cpu": cpu_features(),
+            "provenance": provenance()}
     write_json(out / "train_speed.json", {"meta": meta, "rows": rows,
                                           "data_ms_per_batch": data_ms, "data_share": share})
 

@@ -67,6 +67,7 @@ def test_doctor_reports_datasets(capsys, tmp_path):
     assert main(["doctor", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "threads" in out
+    assert "CPU: " in out and "bf16 units: " in out  # what bf16 autocast's speed depends on
     assert "cifar10        NOT AVAILABLE" in out and "digits         found" in out
 
 

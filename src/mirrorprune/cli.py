@@ -119,12 +119,13 @@ def _doctor(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__, data
-    from .provenance import git_commit
+    from .provenance import cpu_features, git_commit
 
     print(f"mirrorprune {__version__} (commit {git_commit() or 'unknown'}), Python "
           f"{platform.python_version()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CUDA: {torch.cuda.is_available() and torch.cuda.get_device_name(0) or 'no GPU'}")
+    print(f"CPU: {cpu_features()}")
     try:
         print(f"data search path: {', '.join(str(d) for d in data.search_dirs(args.data_dir))}")
     except UsageError as e:

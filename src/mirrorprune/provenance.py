@@ -26,6 +26,19 @@ def git_commit() -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
+def cpu_features() -> str:
+    """The CPU's vector level as torch sees it and its bf16 units (Linux flags): what bf16
+    autocast's speed depends on — 2.4x fp32's on one host, no faster on one without AMX
+    (benchmarks/results/train_speed*)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return (f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: "
+            f"{', '.join(units) if units else 'none found'}")
+
+
 def provenance() -> dict:
     from . import __version__
 
