@@ -352,12 +352,19 @@ def test_plot_bands_stay_within_possible_accuracies(tmp_path, monkeypatch):
     ax = figs[0].axes[0]
     ys = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert ys.min() == 0.0 and ys.max() == 100.0
+    assert list(ax.lines[0].get_ydata()) == [95.0, 5.0, 50.0]
+
+
+def test_a_long_plot_title_is_wrapped_not_cut(tmp_path, monkeypatch):
+    from mirrorprune.experiments import common
+
+    figs = []
+    monkeypatch.setattr(common, "save_figure", lambda fig, path: figs.append(fig))
     long = "cifar10 resnet20, preset cpu-full, 2 seed(s) from seed 1, 45000 training images, " \
            "BatchNorm recalibrated after pruning"
     common.plot_curves({"a": [(0.5, 0.9, 0.0)]}, tmp_path / "p.png", long, "x", (0.5,))
-    title = figs[1].axes[0].get_title()  # wrapped onto lines the figure's width holds
+    title = figs[0].axes[0].get_title()  # wrapped onto lines the figure's width holds
     assert title.replace("\n", " ") == long and max(map(len, title.splitlines())) <= 80
-    assert list(ax.lines[0].get_ydata()) == [95.0, 5.0, 50.0]
 
 
 def test_recal_copy_lets_the_recalibrated_pass_evaluate_without_training(tmp_path, capsys):
